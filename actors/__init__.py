@@ -1,0 +1,1 @@
+"""The daemon's actors: one OS process each (gateway, auth, sessions, engine, monitor)."""

@@ -1,0 +1,492 @@
+"""The engine's sessions, its scheduler loop (one llama_decode per step over all slots) and ops.
+
+Each step puts into one batch the next token of every generating sequence plus chunks of pending
+prompts (never more than n_batch tokens), decodes once in a worker thread, samples per sequence
+in C, and streams the text. Sessions outnumbering the slots are swapped: an idle session's KV
+goes to host memory when another needs its slot and comes back when it is used again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ...daemon.config import Config
+from ...daemon.logs import EventLog
+from ...protocol import internal
+from ...protocol.errors import BadRequest, Busy, Overloaded
+from ...protocol.messages import SamplingParams
+from ..actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
+from .backend import BatchEntry, DecodeError, LlamaBackend, Sampler
+from .chat import ChatRenderer
+from .text import TextStream
+
+log = EventLog("engine")
+
+STATS_PERIOD_S = 1.0
+
+
+@dataclass
+class Session:
+    """One conversation: its whole token history lives here; its KV lives in a slot or in
+    `saved` (host memory) while another session uses the slot."""
+
+    session_id: str
+    system_prompt: str | None
+    tokens: list[int] = field(default_factory=list)
+    n_past: int = 0  # tokens of `tokens` whose KV exists (in the slot or in `saved`)
+    slot: int | None = None
+    saved: bytes | None = None
+    clear_slot: bool = False  # its slot's KV is stale: cleared by the loop before next use
+    chat: list[dict[str, str]] = field(default_factory=list)
+    job: Job | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Job:
+    """One infer from arrival to `end`."""
+
+    caller: Caller
+    session: Session
+    params: SamplingParams
+    client_id: str
+    new_turns: list[dict[str, str]] | None
+    state: str = "queued"  # queued -> prefill -> generating
+    sampler: Sampler | None = None
+    text: TextStream = field(default_factory=TextStream)
+    next_token: int | None = None  # sampled, still to be decoded
+    generated: int = 0
+    seq: int = 0
+    aborted: bool = False
+    reply_text: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    t_arrival: float = field(default_factory=time.monotonic)
+    t_first: float | None = None
+
+
+class Engine:
+    def __init__(self, config: Config, backend: LlamaBackend, server: ActorServer | None) -> None:
+        self.config = config
+        self.backend = backend
+        self.n_ctx = backend.n_ctx_seq
+        self.sessions: dict[str, Session] = {}
+        self.slots: list[Session | None] = [None] * backend.n_seq_max
+        self.queue: deque[Job] = deque()
+        self.active: list[Job] = []  # jobs holding a slot: prefill or generating
+        self.wakeup = trio.Event()
+        self.chat = ChatRenderer(backend.chat_template, backend.bos_text, backend.eos_text)
+        self.total_tokens = 0
+        self.recent_tokens: deque[tuple[float, int]] = deque()
+        self.last_tps = 0.0
+        self.last_ttft_ms = 0.0
+        self.handlers = {
+            "open": self.open,
+            "close": self.close,
+            "infer": self.infer,
+            "abort": self.abort,
+            "info": self.info,
+            "stats": self.stats,
+        }
+
+    # ---- ops ---------------------------------------------------------------------------
+
+    def open(self, body: Body, caller: Caller) -> None:
+        session_id = body["session_id"]
+        self.sessions[session_id] = Session(session_id, body.get("system_prompt"))
+        caller.reply(ctx_size=self.n_ctx)
+
+    def close(self, body: Body, caller: Caller) -> None:
+        session = self.sessions.pop(body["session_id"], None)
+        if session is not None:
+            if session.job is not None:
+                self.finish(session.job, "aborted")
+            if session.slot is not None:
+                self.slots[session.slot] = None  # cleared by the loop when next bound
+                session.slot = None
+        caller.reply()
+
+    def abort(self, body: Body, caller: Caller) -> None:
+        session = self.sessions.get(body["session_id"])
+        job = session.job if session else None
+        if job is not None:
+            if job.state == "queued":
+                self.finish(job, "aborted")
+            else:
+                job.aborted = True  # ends at the step boundary (the decode in flight completes)
+                self.kick()
+        caller.reply()
+
+    def info(self, body: Body, caller: Caller) -> None:
+        result: dict[str, Any] = {}
+        for session_id in body.get("session_ids", []):
+            session = self.sessions.get(session_id)
+            if session is not None:
+                state = "idle" if session.job is None else session.job.state
+                state = "generating" if state == "prefill" else state
+                result[session_id] = {"state": state, "tokens": len(session.tokens)}
+        caller.reply(sessions=result)
+
+    def stats(self, body: Body, caller: Caller) -> None:
+        caller.reply(inference=self.inference_snapshot())
+
+    def infer(self, body: Body, caller: Caller) -> None:
+        session_id = body["session_id"]
+        session = self.sessions.get(session_id)
+        if session is None:  # the engine restarted: the session starts an empty context
+            session = self.sessions[session_id] = Session(session_id, None)
+        if session.job is not None:
+            raise Busy("this session is still generating; abort it or wait for its end")
+        params = SamplingParams.from_wire(body["params"])
+        job = Job(caller, session, params, str(body.get("client_id", "")), body.get("messages"))
+        if body.get("reset"):
+            self.reset(session)
+        new_tokens = self.input_tokens(session, body.get("prompt"), job.new_turns)
+        if len(session.tokens) + len(new_tokens) >= self.n_ctx:
+            # The prompt does not fit: nothing is evaluated, the session is unchanged.
+            job.cached_tokens = session.n_past
+            self.send_end(job, "context")
+            return
+        if self.free_slot_for(session) is None and len(self.queue) >= self.config.max_queue:
+            raise Overloaded("the daemon's queue is full; retry later")
+        session.tokens.extend(new_tokens)
+        if session.n_past >= len(session.tokens):
+            # Nothing new to evaluate, but sampling needs the last position's logits again.
+            self.forget_kv(session)
+        job.cached_tokens = session.n_past
+        job.prompt_tokens = len(session.tokens) - session.n_past
+        job.text = TextStream(params.stop)
+        session.job = job
+        session.last_used = time.monotonic()
+        self.queue.append(job)
+        self.kick()
+
+    # ---- sessions and slots -------------------------------------------------------------
+
+    def input_tokens(
+        self, session: Session, prompt: str | None, turns: list[dict[str, str]] | None
+    ) -> list[int]:
+        fresh = not session.tokens
+        if turns is not None:
+            new = list(turns)
+            if fresh and session.system_prompt:
+                new.insert(0, {"role": "system", "content": session.system_prompt})
+            try:
+                text = self.chat.render(session.chat if not fresh else [], new)
+            except ValueError as exc:
+                raise BadRequest(f"messages could not be rendered: {exc}") from None
+            bos = self.backend.bos_text
+            if bos and text.startswith(bos):
+                text = text[len(bos) :]
+            return self.backend.tokenize(text, add_bos=fresh)
+        assert prompt is not None
+        if fresh and session.system_prompt:
+            return self.backend.tokenize(session.system_prompt, add_bos=True) + self.backend.tokenize(
+                prompt, add_bos=False
+            )
+        tokens = self.backend.tokenize(prompt, add_bos=fresh)
+        return tokens
+
+    def reset(self, session: Session) -> None:
+        self.forget_kv(session)
+        session.tokens = []
+        session.chat = []
+
+    def forget_kv(self, session: Session) -> None:
+        """Drop the session's KV; only bookkeeping here, since a decode may be running: the loop
+        clears the slot itself before the session next uses it."""
+        session.clear_slot = session.slot is not None
+        session.saved = None
+        session.n_past = 0
+
+    def free_slot_for(self, session: Session) -> int | None:
+        """The slot this session can use now: its own, a free one, or an idle one to evict."""
+        if session.slot is not None:
+            return session.slot
+        for index, holder in enumerate(self.slots):
+            if holder is None:
+                return index
+        idle = [s for s in self.slots if s is not None and s.job is None]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda s: s.last_used)
+        assert victim.slot is not None
+        return victim.slot
+
+    def bind_slot(self, session: Session, slot: int) -> None:
+        """Give `slot` to `session` (called by the loop only: it touches the context)."""
+        if session.slot == slot:
+            if session.clear_slot:
+                self.backend.seq_clear(slot)
+                session.clear_slot = False
+            return
+        victim = self.slots[slot]
+        if victim is not None:
+            victim.saved = None
+            if victim.n_past and not victim.clear_slot:
+                victim.saved = self.backend.seq_save(slot)
+            else:
+                victim.n_past = 0
+            victim.slot = None
+            victim.clear_slot = False
+            log.debug("session evicted", session_id=victim.session_id, bytes=len(victim.saved or b""))
+        self.backend.seq_clear(slot)
+        self.slots[slot] = session
+        session.slot = slot
+        if session.saved is not None:
+            try:
+                self.backend.seq_restore(slot, session.saved)
+            except RuntimeError:
+                log.warning("session restore failed, re-evaluating", session_id=session.session_id)
+                self.backend.seq_clear(slot)
+                session.n_past = 0
+            session.saved = None
+
+    def admit(self) -> None:
+        """Move queued jobs into slots while there are slots to give (the loop calls this)."""
+        while self.queue:
+            job = self.queue[0]
+            slot = self.free_slot_for(job.session)
+            if slot is None:
+                return
+            self.queue.popleft()
+            self.bind_slot(job.session, slot)
+            history = job.session.tokens
+            job.sampler = self.backend.new_sampler(job.params, history)
+            job.state = "prefill"
+            self.active.append(job)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            self.admit()
+            if not self.active:
+                await self.wakeup.wait()
+                self.wakeup = trio.Event()
+                continue
+            await self.step()
+
+    def build_batch(self) -> tuple[list[BatchEntry], list[tuple[Job, int, int]]]:
+        """Next token of every generating job, then prompt chunks, within n_batch tokens.
+        Returns the entries and, per job, (job, tokens it adds, batch index of its logits or -1)."""
+        budget = self.backend.n_batch
+        entries: list[BatchEntry] = []
+        plan: list[tuple[Job, int, int]] = []
+        for job in self.active:
+            if job.state == "generating" and job.next_token is not None:
+                session = job.session
+                assert session.slot is not None
+                entries.append(BatchEntry(job.next_token, session.n_past, session.slot, True))
+                plan.append((job, 1, len(entries) - 1))
+        for job in self.active:
+            if job.state != "prefill":
+                continue
+            room = budget - len(entries)
+            if room <= 0:
+                break
+            session = job.session
+            assert session.slot is not None
+            start = session.n_past
+            take = min(room, len(session.tokens) - start)
+            last = start + take == len(session.tokens)
+            slot = session.slot
+            for pos in range(start, start + take):
+                entries.append(BatchEntry(session.tokens[pos], pos, slot, False))
+            if last:
+                entries[-1] = BatchEntry(session.tokens[-1], start + take - 1, slot, True)
+            plan.append((job, take, len(entries) - 1 if last else -1))
+        return entries, plan
+
+    async def step(self) -> None:
+        for job in [j for j in self.active if j.aborted]:
+            self.finish(job, "aborted")
+        entries, plan = self.build_batch()
+        if not entries:
+            return
+        try:
+            await trio.to_thread.run_sync(self.backend.decode, entries)
+        except DecodeError as exc:
+            log.error("decode failed", code=exc.code, tokens=len(entries))
+            for job, _, _ in plan:
+                self.forget_kv(job.session)
+                self.finish(job, "error", message=f"decode failed (code {exc.code})")
+            return
+        now = time.monotonic()
+        for job, added, logits_index in plan:
+            job.session.n_past += added
+            if job.state == "generating":
+                job.next_token = None
+            if job.aborted or job.session.job is not job:
+                continue
+            if logits_index >= 0:
+                job.state = "generating"
+                assert job.sampler is not None
+                self.accept_token(job, job.sampler.sample(logits_index), now)
+        for job in [j for j in self.active if j.aborted]:
+            self.finish(job, "aborted")
+
+    def accept_token(self, job: Job, token: int, now: float) -> None:
+        session = job.session
+        session.tokens.append(token)
+        job.generated += 1
+        self.total_tokens += 1
+        self.recent_tokens.append((now, 1))
+        if job.t_first is None:
+            job.t_first = now
+        if self.backend.is_eog(token) and not job.params.ignore_eos:
+            self.finish(job, "stop")
+            return
+        text, stopped = job.text.push(self.backend.token_bytes(token))
+        if text:
+            self.send_token(job, text)
+        if stopped:
+            self.finish(job, "stop", flush=False)
+        elif job.generated >= job.params.max_tokens:
+            self.finish(job, "length")
+        elif len(session.tokens) >= self.n_ctx:
+            self.finish(job, "context")
+        else:
+            job.next_token = token
+
+    def send_token(self, job: Job, text: str) -> None:
+        job.caller.send(internal.TOKEN, seq=job.seq, content=text)
+        job.reply_text.append(text)
+        job.seq += 1
+
+    def finish(self, job: Job, reason: str, *, flush: bool = True, message: str = "") -> None:
+        """End a job: send what text is held (unless a stop string ended it), then `end`."""
+        session = job.session
+        if flush and job.state != "queued":
+            rest = job.text.flush()
+            if rest:
+                self.send_token(job, rest)
+        if job in self.active:
+            self.active.remove(job)
+        if job in self.queue:
+            self.queue.remove(job)
+        if job.sampler is not None:
+            job.sampler.free()
+            job.sampler = None
+        if session.job is job:
+            session.job = None
+            session.last_used = time.monotonic()
+        if job.new_turns is not None and reason != "error":
+            session.chat = session.chat + job.new_turns
+            session.chat.append({"role": "assistant", "content": "".join(job.reply_text)})
+        self.send_end(job, reason, message)
+        self.kick()
+
+    def send_end(self, job: Job, reason: str, message: str = "") -> None:
+        now = time.monotonic()
+        ttft_ms = (job.t_first - job.t_arrival) * 1000 if job.t_first else 0.0
+        decoding = now - job.t_first if job.t_first else 0.0
+        tps = (job.generated - 1) / decoding if job.generated > 1 and decoding > 0 else 0.0
+        stats = {
+            "prompt_tokens": job.prompt_tokens,
+            "cached_tokens": job.cached_tokens,
+            "tokens": job.generated,
+            "ttft_ms": round(ttft_ms, 2),
+            "total_ms": round((now - job.t_arrival) * 1000, 2),
+            "tps": round(tps, 2),
+        }
+        fields: dict[str, Any] = {"finish_reason": reason, "stats": stats}
+        if reason == "error":
+            fields["message"] = message or "generation failed"
+        job.caller.send(internal.END, **fields)
+        if job.generated:
+            self.last_tps = stats["tps"]
+            self.last_ttft_ms = stats["ttft_ms"]
+        log.info(
+            "request end",
+            client_id=job.client_id,
+            session_id=job.session.session_id,
+            prompt_tokens=job.prompt_tokens,
+            cached_tokens=job.cached_tokens,
+            tokens=job.generated,
+            ttft_ms=stats["ttft_ms"],
+            finish_reason=reason,
+        )
+
+    def abort_all(self) -> None:
+        for job in list(self.active) + list(self.queue):
+            self.finish(job, "aborted")
+
+    def inference_snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        while self.recent_tokens and self.recent_tokens[0][0] < now - 1.0:
+            self.recent_tokens.popleft()
+        return {
+            "active_generations": len(self.active),
+            "queued": len(self.queue),
+            "total_sessions": len(self.sessions),
+            "last_tps": self.last_tps,
+            "last_ttft_ms": self.last_ttft_ms,
+            "total_tokens_generated": self.total_tokens,
+            "tokens_per_second": float(sum(n for _, n in self.recent_tokens)),
+        }
+
+
+async def push_stats(engine: Engine, monitor: ActorLink) -> None:
+    while True:
+        monitor.push("inference", inference=engine.inference_snapshot())
+        await trio.sleep(STATS_PERIOD_S)
+
+
+def load_backend(config: Config) -> LlamaBackend:
+    return LlamaBackend(
+        config.model,
+        n_seq_max=config.parallel,
+        n_ctx_seq=config.ctx_size,
+        n_batch=config.batch_size,
+        n_threads=config.threads or None,
+        n_gpu_layers=config.gpu_layers,
+    )
+
+
+async def main(config: Config, stop: trio.Event) -> None:
+    started = time.monotonic()
+    backend = await trio.to_thread.run_sync(load_backend, config)
+    log.info(
+        "model loaded",
+        model=backend.model_name,
+        seconds=round(time.monotonic() - started, 2),
+        parallel=backend.n_seq_max,
+        ctx_size=backend.n_ctx_seq,
+        gpu_layers=backend.gpu_layers_used,
+    )
+    engine = Engine(config, backend, None)
+    assert set(engine.handlers) == set(internal.ENGINE_OPS)
+    server = ActorServer(internal.ENGINE, config, engine.handlers)
+    monitor = ActorLink(internal.MONITOR, config)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            nursery.start_soon(monitor.run)
+            nursery.start_soon(push_stats, engine, monitor)
+            loop_scope = trio.CancelScope()
+
+            async def run_loop() -> None:
+                with loop_scope:
+                    await engine.run()
+
+            nursery.start_soon(run_loop)
+            report_to_supervisor(config, {"op": "ready", "actor": internal.ENGINE})
+            await stop.wait()
+            loop_scope.cancel()  # waits for a decode in flight to complete
+            await trio.sleep(0)
+            engine.abort_all()
+            await server.socket.flush(2.0)
+            nursery.cancel_scope.cancel()
+    finally:
+        backend.close()
+
+

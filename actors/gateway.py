@@ -1,0 +1,334 @@
+"""The gateway actor: the only one that touches client sockets; authenticates and routes ops."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import trio
+import zmq
+
+from ..daemon.config import Config
+from ..daemon.logs import EventLog
+from ..protocol import internal, messages, wire
+from ..protocol.errors import (
+    InternalError,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    TooLarge,
+    Unauthenticated,
+    error_body,
+)
+from ..protocol.messages import Request
+from ..protocol.zmqtrio import TrioSocket
+from .actor import ActorLink, Body, report_to_supervisor
+
+log = EventLog("gateway")
+
+# Requests of one connection are handled in order (an abort never overtakes its infer);
+# beyond this many waiting, the connection gets `overloaded`.
+CONNECTION_QUEUE = 64
+CONNECTION_IDLE_S = 60.0
+
+
+def _version() -> str:
+    try:
+        return version("inferencecenter")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass
+class ClientState:
+    client_id: str
+    max_sessions: int
+    priority: str
+
+
+@dataclass
+class Stream:
+    """A running infer: where its tokens go."""
+
+    peer: bytes
+    request_id: int | str | None
+    session_id: str
+
+
+Handler = Callable[[bytes, Request], Awaitable[None]]
+
+
+class Gateway:
+    def __init__(self, config: Config, frontend: TrioSocket) -> None:
+        self.config = config
+        self.frontend = frontend
+        self.auth = ActorLink(internal.AUTH, config)
+        self.sessions = ActorLink(internal.SESSIONS, config)
+        self.engine = ActorLink(internal.ENGINE, config)
+        self.clients: dict[bytes, ClientState] = {}
+        self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
+        self.server_info = {
+            "name": "inferencecenter",
+            "version": _version(),
+            "protocol": wire.PROTOCOL_VERSION,
+            "models": [config.model_name],
+        }
+        self.handlers: dict[str, Handler] = {
+            "ping": self.ping,
+            "auth": self.authenticate,
+            "create_session": self.create_session,
+            "close_session": self.close_session,
+            "list_sessions": self.list_sessions,
+            "infer": self.infer,
+            "abort": self.abort,
+            "stats": self.stats,
+        }
+        assert set(self.handlers) == set(messages.REQUEST_FIELDS)
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def reply(self, peer: bytes, request_id: int | str | None, op: str, **fields: Any) -> None:
+        body: Body = {"op": op, **fields}
+        if request_id is not None:
+            body["id"] = request_id
+        self.frontend.send([peer, wire.TAG, wire.pack(body)])
+
+    def reply_error(self, peer: bytes, request_id: int | str | None, exc: ProtocolError) -> None:
+        self.frontend.send([peer, wire.TAG, wire.pack(error_body(exc.code, exc.message, request_id))])
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        for link in (self.auth, self.sessions, self.engine):
+            nursery.start_soon(link.run)
+        limit = self.config.max_message_bytes
+        async for frames in self.frontend:
+            peer, parts = frames[0], frames[1:]
+            try:
+                body = wire.parse_client_frames(parts, limit)
+            except ProtocolError as exc:
+                self.reply_error(peer, None, exc)
+                continue
+            request_id = messages.request_id(body)
+            try:
+                request = messages.parse_request(body)
+                if request.op not in messages.OPS_BEFORE_AUTH and peer not in self.clients:
+                    raise Unauthenticated(f"{request.op} needs a successful auth first")
+            except ProtocolError as exc:
+                self.reply_error(peer, request_id, exc)
+                continue
+            self.enqueue(nursery, peer, request)
+
+    def enqueue(self, nursery: trio.Nursery, peer: bytes, request: Request) -> None:
+        queue = self.queues.get(peer)
+        if queue is None:
+            send, receive = trio.open_memory_channel[Request](CONNECTION_QUEUE)
+            self.queues[peer] = queue = send
+            nursery.start_soon(self.serve_connection, peer, receive)
+        try:
+            queue.send_nowait(request)
+        except trio.WouldBlock:
+            self.reply_error(peer, request.id, Overloaded("too many requests in flight"))
+
+    async def serve_connection(
+        self, peer: bytes, receive: trio.MemoryReceiveChannel[Request]
+    ) -> None:
+        while True:
+            request: Request | None = None
+            with trio.move_on_after(CONNECTION_IDLE_S):
+                request = await receive.receive()
+            if request is None:
+                try:
+                    request = receive.receive_nowait()
+                except trio.WouldBlock:
+                    del self.queues[peer]
+                    return
+            try:
+                await self.handlers[request.op](peer, request)
+            except ProtocolError as exc:
+                self.reply_error(peer, request.id, exc)
+            except Exception:
+                log.exception("request failed", op=request.op)
+                self.reply_error(peer, request.id, InternalError("the request failed"))
+
+    def client_of(self, peer: bytes) -> ClientState:
+        state = self.clients.get(peer)
+        if state is None:  # authentication was dropped while this request waited
+            raise Unauthenticated("this connection is not authenticated")
+        return state
+
+    async def owned_session(self, peer: bytes, session_id: str) -> ClientState:
+        state = self.client_of(peer)
+        await self.sessions.request("check", client_id=state.client_id, session_id=session_id)
+        return state
+
+    # ---- ops --------------------------------------------------------------------------
+
+    async def ping(self, peer: bytes, request: Request) -> None:
+        self.reply(peer, request.id, messages.PONG, time=time.time())
+
+    async def authenticate(self, peer: bytes, request: Request) -> None:
+        result = await self.auth.request(
+            "authenticate",
+            client_id=request.fields["client_id"],
+            api_key=request.fields["api_key"],
+        )
+        if not result.get("ok"):
+            self.clients.pop(peer, None)
+            self.reply(peer, request.id, messages.AUTH_FAILED, reason=result.get("reason", ""))
+            return
+        state = ClientState(result["client_id"], result["max_sessions"], result["priority"])
+        self.clients[peer] = state
+        self.reply(
+            peer,
+            request.id,
+            messages.AUTH_SUCCESS,
+            client_id=state.client_id,
+            max_sessions=state.max_sessions,
+            priority=state.priority,
+            server=self.server_info,
+        )
+
+    async def create_session(self, peer: bytes, request: Request) -> None:
+        state = self.client_of(peer)
+        model = request.fields["model"] or self.config.model_name
+        if model not in self.server_info["models"]:
+            raise NotFound(f"no model {model[:80]!r}; this daemon serves {self.config.model_name}")
+        created = await self.sessions.request(
+            "create", client_id=state.client_id, max_sessions=state.max_sessions, model=model
+        )
+        session_id = created["session_id"]
+        try:
+            opened = await self.engine.request(
+                "open", session_id=session_id, system_prompt=request.fields["system_prompt"]
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.sessions.request("remove", session_id=session_id)
+            raise
+        self.reply(
+            peer,
+            request.id,
+            messages.SESSION_CREATED,
+            session_id=session_id,
+            model=model,
+            ctx_size=opened["ctx_size"],
+        )
+
+    async def close_session(self, peer: bytes, request: Request) -> None:
+        session_id = request.fields["session_id"]
+        await self.owned_session(peer, session_id)
+        await self.engine.request("close", session_id=session_id)
+        await self.sessions.request("remove", session_id=session_id)
+        self.reply(peer, request.id, messages.SESSION_CLOSED, session_id=session_id)
+
+    async def list_sessions(self, peer: bytes, request: Request) -> None:
+        state = self.client_of(peer)
+        listed = await self.sessions.request("list", client_id=state.client_id)
+        records = listed["sessions"]
+        info = await self.engine.request("info", session_ids=[s["session_id"] for s in records])
+        details = info["sessions"]
+        sessions = [
+            {
+                "session_id": s["session_id"],
+                "model": s["model"],
+                "state": details.get(s["session_id"], {}).get("state", "idle"),
+                "tokens": details.get(s["session_id"], {}).get("tokens", 0),
+                "created": s["created"],
+            }
+            for s in records
+        ]
+        self.reply(peer, request.id, messages.SESSION_LIST, sessions=sessions)
+
+    async def infer(self, peer: bytes, request: Request) -> None:
+        fields = request.fields
+        session_id = fields["session_id"]
+        state = await self.owned_session(peer, session_id)
+        stream = Stream(peer, request.id, session_id)
+        payload: Body = {
+            "session_id": session_id,
+            "params": fields["params"].to_wire(),
+            "reset": fields["reset"],
+            "priority": state.priority,
+            "client_id": state.client_id,
+        }
+        if "prompt" in fields:
+            payload["prompt"] = fields["prompt"]
+        else:
+            payload["messages"] = fields["messages"]
+        ref = 0
+
+        def on_message(body: Body) -> None:
+            op = body.get("op")
+            if op == internal.TOKEN:
+                self.reply(
+                    stream.peer,
+                    stream.request_id,
+                    messages.TOKEN,
+                    session_id=stream.session_id,
+                    seq=body["seq"],
+                    content=body["content"],
+                )
+                return
+            self.engine.forget(ref)
+            if op == internal.END:
+                end: Body = {"finish_reason": body["finish_reason"], "stats": body["stats"]}
+                if "message" in body:
+                    end["message"] = body["message"]
+                self.reply(
+                    stream.peer, stream.request_id, messages.END, session_id=stream.session_id, **end
+                )
+            else:
+                code = str(body.get("code", "internal"))
+                self.frontend.send(
+                    [
+                        stream.peer,
+                        wire.TAG,
+                        wire.pack(error_body(code, str(body.get("message", "")), stream.request_id)),
+                    ]
+                )
+
+        ref = self.engine.stream("infer", on_message, **payload)
+
+    async def abort(self, peer: bytes, request: Request) -> None:
+        session_id = request.fields["session_id"]
+        await self.owned_session(peer, session_id)
+        await self.engine.request("abort", session_id=session_id)
+        self.reply(peer, request.id, messages.ABORTED, session_id=session_id)
+
+    async def stats(self, peer: bytes, request: Request) -> None:
+        state = self.client_of(peer)
+        stats = await self.engine.request("stats")
+        listed = await self.sessions.request("list", client_id=state.client_id)
+        self.reply(
+            peer,
+            request.id,
+            messages.STATS,
+            inference=stats["inference"],
+            sessions=len(listed["sessions"]),
+        )
+
+
+def open_frontend(config: Config) -> TrioSocket:
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.MAXMSGSIZE, wire.hard_cap(config.max_message_bytes))
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.bind(f"tcp://{config.bind}:{config.port}")
+    return TrioSocket(sock)
+
+
+async def main(config: Config, stop: trio.Event) -> None:
+    frontend = open_frontend(config)
+    gateway = Gateway(config, frontend)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(frontend.run)
+        nursery.start_soon(gateway.run, nursery)
+        report_to_supervisor(config, {"op": "ready", "actor": internal.GATEWAY})
+        log.info("serving", endpoint=f"tcp://{config.bind}:{config.port}")
+        await stop.wait()
+        # Give ends that are still on their way (the engine stops first) a moment to leave.
+        await frontend.flush(2.0)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,1 @@
+"""The supervisor, its command line and configuration."""

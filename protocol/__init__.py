@@ -1,0 +1,1 @@
+"""The one place that knows InferenceCenter's wire format: frames, codec, validation, errors."""

@@ -1,0 +1,54 @@
+"""Messages between the daemon's own processes: endpoints, ops per actor, the codec.
+
+Internal messages are one msgpack map per frame with `op` and `ref` (the caller's correlation
+number); replies carry the same `ref`. They travel over ipc:// sockets in a private runtime
+directory (mode 0700) and are never reachable from the frontend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+Body = dict[str, Any]
+
+# Actor names; each runs as its own process `inferencecenter-<name>`.
+GATEWAY = "gateway"
+AUTH = "auth"
+SESSIONS = "sessions"
+ENGINE = "engine"
+MONITOR = "monitor"
+ACTORS = (AUTH, SESSIONS, MONITOR, ENGINE, GATEWAY)  # start order: the gateway last
+SUPERVISOR = "supervisor"
+
+# Internal reply ops.
+REPLY = "reply"
+ERROR = "error"
+TOKEN = "token"
+END = "end"
+
+# Ops each actor serves (its handler table must match this list).
+AUTH_OPS = ("authenticate",)
+SESSIONS_OPS = ("create", "check", "remove", "list")
+ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats")
+# Pushed to the supervisor: {"op": "ready", "actor": name} or {"op": "fatal", "actor", "message"}.
+SUPERVISOR_OPS = ("ready", "fatal")
+# Pushed to the monitor by the engine once a second: {"op": "inference", "inference": {...}}.
+MONITOR_OPS = ("inference",)
+
+
+def endpoint(runtime_dir: str | Path, name: str) -> str:
+    return f"ipc://{Path(runtime_dir) / name}.sock"
+
+
+def pack(body: Body) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Body:
+    body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if not isinstance(body, dict):
+        raise ValueError("internal message is not a map")
+    return body
