@@ -217,8 +217,11 @@ class ActorProcess:
         except KeyboardInterrupt:
             return 0
         except Exception as exc:
-            EventLog(self.name).exception("actor crashed", error=str(exc))
-            report_to_supervisor(self.config, {"op": "fatal", "actor": self.name, "message": str(exc)})
+            cause = _leaf(exc)
+            message = str(cause) or type(cause).__name__
+            EventLog(self.name).error("actor failed", error=message)
+            EventLog(self.name).debug("actor failed", traceback=_traceback(exc))
+            report_to_supervisor(self.config, {"op": "fatal", "actor": self.name, "message": message})
             return 1
         return 0
 
@@ -234,6 +237,19 @@ class ActorProcess:
             nursery.start_soon(watch_signals)
             await self.main(self.config, stop)
             nursery.cancel_scope.cancel()
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _traceback(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(exc))
 
 
 def actor_entry() -> None:

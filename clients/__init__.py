@@ -1,0 +1,43 @@
+"""The InferenceCenter client library: sync Client, trio AsyncClient, metrics subscriber."""
+
+from inferencecenter.protocol.errors import (
+    AuthFailed,
+    BadRequest,
+    Busy,
+    Forbidden,
+    InternalError,
+    LimitReached,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    TooLarge,
+    Unauthenticated,
+)
+
+from .async_client import AsyncClient, AsyncGeneration, AsyncSession
+from .client import Client, Generation, Session
+from .credentials import Credentials, CredentialsError
+from .metrics import MetricsSubscriber
+
+__all__ = [
+    "AsyncClient",
+    "AsyncGeneration",
+    "AsyncSession",
+    "AuthFailed",
+    "BadRequest",
+    "Busy",
+    "Client",
+    "Credentials",
+    "CredentialsError",
+    "Forbidden",
+    "Generation",
+    "InternalError",
+    "LimitReached",
+    "MetricsSubscriber",
+    "NotFound",
+    "Overloaded",
+    "ProtocolError",
+    "Session",
+    "TooLarge",
+    "Unauthenticated",
+]

@@ -13,9 +13,28 @@ from types import TracebackType
 from typing import Any
 
 import zmq
-
-from inferencecenter.protocol import messages, wire
-from inferencecenter.protocol.errors import AuthFailed, InternalError, ProtocolError, error_from_body
+from inferencecenter.protocol import wire
+from inferencecenter.protocol.errors import (
+    AuthFailed,
+    InternalError,
+    ProtocolError,
+    error_from_body,
+)
+from inferencecenter.protocol.messages import (
+    ABORTED,
+    AUTH_FAILED,
+    AUTH_SUCCESS,
+    END,
+    ERROR,
+    PONG,
+    SESSION_CLOSED,
+    SESSION_CREATED,
+    SESSION_LIST,
+    STATS,
+    TOKEN,
+    parse_params,
+    parse_request,
+)
 
 from . import credentials
 
@@ -39,7 +58,7 @@ def expect(reply: Body, op: str) -> Body:
     got = reply.get("op")
     if got == op:
         return reply
-    if got == messages.ERROR:
+    if got == ERROR:
         raise error_from_body(reply)
     raise InternalError(f"expected a {op!r} reply, got {got!r}")
 
@@ -50,9 +69,9 @@ def auth_request(creds: credentials.Credentials) -> Body:
 
 def check_auth(reply: Body) -> Body:
     """The `auth_success` reply, or AuthFailed with the daemon's reason."""
-    if reply.get("op") == messages.AUTH_FAILED:
+    if reply.get("op") == AUTH_FAILED:
         raise AuthFailed(str(reply.get("reason") or "wrong client_id or api_key"))
-    return expect(reply, messages.AUTH_SUCCESS)
+    return expect(reply, AUTH_SUCCESS)
 
 
 def infer_request(
@@ -74,8 +93,8 @@ def infer_request(
         # Only the keys the caller chose go on the wire, so the daemon's defaults apply to the
         # rest (a missing seed means a random one, not a fixed default).
         body["params"] = dict(params)
-    messages.parse_params(body.get("params"))
-    messages.parse_request(body)
+    parse_params(body.get("params"))
+    parse_request(body)
     return body
 
 
@@ -109,7 +128,7 @@ class TokenStream:
     def feed(self, reply: Body) -> str | None:
         """The piece a `token` carries; None once `end` arrived; raises for an `error`."""
         op = reply.get("op")
-        if op == messages.TOKEN:
+        if op == TOKEN:
             seq = reply.get("seq")
             if seq != self.next_seq:
                 self.done = True
@@ -122,7 +141,7 @@ class TokenStream:
             self.pieces.append(piece)
             return piece
         self.done = True
-        if op == messages.END:
+        if op == END:
             stats = reply.get("stats")
             self.stats = dict(stats) if isinstance(stats, dict) else {}
             self.finish_reason = str(reply.get("finish_reason"))
@@ -130,7 +149,7 @@ class TokenStream:
                 self.message = str(reply.get("message") or "the generation failed")
                 raise InternalError(self.message)
             return None
-        if op == messages.ERROR:
+        if op == ERROR:
             raise error_from_body(reply)
         raise InternalError(f"unexpected {op!r} reply in a token stream")
 
@@ -178,7 +197,11 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
         try:
-            wait = min(timeout, DEFAULT_CONNECT_TIMEOUT) if connect_timeout is None else connect_timeout
+            wait = (
+                min(timeout, DEFAULT_CONNECT_TIMEOUT)
+                if connect_timeout is None
+                else connect_timeout
+            )
             reply = check_auth(self._request(auth_request(creds), None, wait, "auth"))
         except BaseException:
             self.close()
@@ -211,7 +234,7 @@ class Client:
     def ping(self) -> float:
         """Round-trip time in seconds (ping needs no auth, so it also says the daemon is up)."""
         start = time.perf_counter()
-        self._request({"op": "ping"}, messages.PONG)
+        self._request({"op": "ping"}, PONG)
         return time.perf_counter() - start
 
     def create_session(self, model: str | None = None, system_prompt: str | None = None) -> Session:
@@ -220,7 +243,7 @@ class Client:
             body["model"] = model
         if system_prompt is not None:
             body["system_prompt"] = system_prompt
-        reply = self._request(body, messages.SESSION_CREATED)
+        reply = self._request(body, SESSION_CREATED)
         ctx_size = reply.get("ctx_size")
         return Session(
             self,
@@ -234,12 +257,14 @@ class Client:
         return Session(self, session_id, None, None)
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        reply = self._request({"op": "list_sessions"}, messages.SESSION_LIST)
+        reply = self._request({"op": "list_sessions"}, SESSION_LIST)
         sessions = reply.get("sessions")
-        return [dict(s) for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
+        if not isinstance(sessions, list):
+            return []
+        return [dict(s) for s in sessions if isinstance(s, dict)]
 
     def stats(self) -> dict[str, Any]:
-        return reply_fields(self._request({"op": "stats"}, messages.STATS))
+        return reply_fields(self._request({"op": "stats"}, STATS))
 
     def close(self) -> None:
         """Disconnect. Sessions stay on the daemon (reach them again with `session(id)`)."""
@@ -333,7 +358,7 @@ class Client:
                         return box.popleft()
                     self._check_open()
                     if box is None:
-                        raise RuntimeError(f"request {request_id} has no mailbox (already finished)")
+                        raise RuntimeError(f"request {request_id} is finished; nothing to receive")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise no_reply(self.endpoint, timeout, waiting_for)
@@ -341,27 +366,27 @@ class Client:
                         self._reading = True
                         break
                     self._state.wait(min(remaining, POLL_SLICE))
+            received: list[list[bytes]] = []
             try:
-                received = self._read_socket(min(remaining, POLL_SLICE))
+                self._read_socket(min(remaining, POLL_SLICE), received)
             finally:
+                # Even when interrupted (Ctrl-C), what was read is filed, not lost.
                 with self._state:
                     self._reading = False
-                    if received_ok(locals()):
-                        for frames in received:
-                            self._route(frames)
+                    for frames in received:
+                        self._route(frames)
                     self._state.notify_all()
 
-    def _read_socket(self, wait: float) -> list[list[bytes]]:
-        """Every message ready within `wait` seconds (the socket lock is held only meanwhile)."""
-        received: list[list[bytes]] = []
+    def _read_socket(self, wait: float, received: list[list[bytes]]) -> None:
+        """Append every message ready within `wait` seconds (holding the socket meanwhile)."""
         with self._sock_lock:
             if self._closed or not self._sock.poll(_ms(wait), zmq.POLLIN):
-                return received
+                return
             while True:
                 try:
                     received.append(self._sock.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
-                    return received
+                    return
 
     def _route(self, frames: list[bytes]) -> None:
         """File one reply under its request's id (called with _state held)."""
@@ -370,7 +395,7 @@ class Client:
         except ProtocolError:
             return  # not a reply of this protocol; nothing could be waiting for it
         request_id = reply.get("id")
-        if "id" not in reply and reply.get("op") == messages.ERROR:
+        if "id" not in reply and reply.get("op") == ERROR:
             # The daemon could not read our request's id (e.g. too_large): the newest request
             # still waiting for its first reply is the one it could not read.
             request_id = max(self._unanswered, default=None)
@@ -392,10 +417,6 @@ class Client:
             raise RuntimeError(f"the client for {self.endpoint} is closed")
 
 
-def received_ok(scope: dict[str, Any]) -> bool:
-    return "received" in scope
-
-
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000 + 0.999))
 
@@ -403,7 +424,9 @@ def _ms(seconds: float) -> int:
 class Session:
     """One conversation on the daemon; its context persists between `infer` calls."""
 
-    def __init__(self, client: Client, session_id: str, model: str | None, ctx_size: int | None) -> None:
+    def __init__(
+        self, client: Client, session_id: str, model: str | None, ctx_size: int | None
+    ) -> None:
         self.client = client
         self.session_id = session_id
         self.model = model
@@ -444,11 +467,11 @@ class Session:
 
     def abort(self) -> None:
         """Stop a running generation; it then ends with finish_reason "aborted"."""
-        self.client._request({"op": "abort", "session_id": self.session_id}, messages.ABORTED)
+        self.client._request({"op": "abort", "session_id": self.session_id}, ABORTED)
 
     def close(self) -> None:
         """Free the session on the daemon (a running generation is aborted first)."""
-        self.client._request({"op": "close_session", "session_id": self.session_id}, messages.SESSION_CLOSED)
+        self.client._request({"op": "close_session", "session_id": self.session_id}, SESSION_CLOSED)
 
 
 class Generation(Iterator[str]):

@@ -26,7 +26,8 @@ class Credentials(NamedTuple):
     def __repr__(self) -> str:
         return f"Credentials(client_id={self.client_id!r}, api_key=<hidden>)"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return repr(self)
 
 
 def clients_path(path: str | os.PathLike[str] | None = None) -> Path:
@@ -36,7 +37,8 @@ def clients_path(path: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get(ENV_CLIENTS)
     if env:
         return Path(env).expanduser()
-    return clientsfile.default_path()
+    default: Path = clientsfile.default_path()
+    return default
 
 
 def resolve(

@@ -190,4 +190,18 @@ def authed(daemon: Daemon) -> Iterator[RawClient]:
     client = RawClient(daemon.endpoint)
     client.auth(daemon.client_id, daemon.api_key)
     yield client
+    close_all_sessions(client)
     client.close()
+
+
+def close_all_sessions(client: RawClient) -> None:
+    """Leave no session behind: per-client quotas are shared by every test."""
+    client.sock.setsockopt(zmq.LINGER, 0)
+    listed = client.request({"op": "list_sessions", "id": "cleanup"})
+    while listed.get("id") != "cleanup":
+        listed = client.recv()
+    for session in listed.get("sessions", []):
+        client.send({"op": "close_session", "id": "closing", "session_id": session["session_id"]})
+        reply = client.recv()
+        while reply.get("id") != "closing":
+            reply = client.recv()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from inferencecenter.actors.engine.chat import ChatRenderer
 from inferencecenter.actors.engine.text import TextStream
 
@@ -128,10 +127,14 @@ def test_gemma_first_turn() -> None:
 def test_gemma_system_folds_into_the_next_user_turn() -> None:
     text = gemma().render(
         [],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ],
     )
     assert text == (
-        "<start_of_turn>user\nBe brief.\n\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n"
+        "<start_of_turn>user\nBe brief.\n\nWhy is the sky blue?<end_of_turn>\n"
+        "<start_of_turn>model\n"
     )
 
 
@@ -167,7 +170,8 @@ def test_gemma_system_alone_becomes_a_user_turn() -> None:
 
 # The shape of many real templates: BOS first, one block per message, then the prompt.
 CHATML = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{{ bos_token }}{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -185,14 +189,20 @@ def test_template_continuation_is_the_rendering_after_history() -> None:
 
 def test_template_that_rewrites_history_falls_back_to_the_new_turns() -> None:
     # Renders only the last message: history alone is never a prefix of history + new.
-    last_only = "{{ messages[-1]['role'] }}: {{ messages[-1]['content'] }}\n{% if add_generation_prompt %}>{% endif %}"
+    last_only = (
+        "{{ messages[-1]['role'] }}: {{ messages[-1]['content'] }}\n"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     text = ChatRenderer(last_only, "", "").render(history, [{"role": "user", "content": "Bye"}])
     assert text == "user: Bye\n>"
 
 
 def test_template_raise_exception_is_a_value_error() -> None:
-    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first turn must be user') }}{% endif %}x"
+    strict = (
+        "{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('first turn must be user') }}{% endif %}x"
+    )
     with pytest.raises(ValueError, match="first turn must be user"):
         ChatRenderer(strict, "", "").render([], [{"role": "assistant", "content": "hi"}])
 

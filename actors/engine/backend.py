@@ -1,4 +1,4 @@
-"""One GGUF model and one multi-sequence llama.cpp context, through llama-cpp-python's low-level API."""
+"""One GGUF model and one multi-sequence llama.cpp context, via llama-cpp-python's low-level API."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class ModelLoadError(Exception):
 
 
 class DecodeError(Exception):
-    """llama_decode returned non-zero; `code` is its return value (1 = no KV slot, 2 = aborted, < 0 = error)."""
+    """llama_decode failed; `code` is its return value (1 no KV slot, 2 aborted, < 0 error)."""
 
     def __init__(self, code: int) -> None:
         super().__init__(f"llama_decode failed with code {code}")
@@ -42,9 +42,12 @@ class BatchEntry:
     logits: bool
 
 
-@llama_cpp.llama_log_callback
-def _discard_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def _ignore_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     return None
+
+
+# Module level, so ctypes never frees the C callback while llama.cpp may still call it.
+_discard_log: Any = llama_cpp.llama_log_callback(_ignore_log)
 
 
 _backend_ready = False
@@ -59,7 +62,6 @@ def _init_process() -> None:
         # NULL restores llama.cpp's own stderr logger (llama_cpp's import installed a Python one).
         llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
     else:
-        # The callback lives at module level so ctypes never frees it while C still calls it.
         llama_cpp.llama_log_set(_discard_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     _backend_ready = True
@@ -98,8 +100,9 @@ class LlamaBackend:
         n_threads: int | None = None,
         n_gpu_layers: int = -1,
     ) -> None:
-        if not 1 <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
-            raise ValueError(f"n_seq_max must be in 1..{llama_cpp.llama_max_parallel_sequences()}, not {n_seq_max}")
+        most = llama_cpp.llama_max_parallel_sequences()
+        if not 1 <= n_seq_max <= most:
+            raise ValueError(f"n_seq_max must be in 1..{most}, not {n_seq_max}")
         if n_ctx_seq < 1 or n_batch < 1:
             raise ValueError(f"n_ctx_seq and n_batch must be positive (got {n_ctx_seq}, {n_batch})")
         path = Path(model_path)
@@ -120,7 +123,7 @@ class LlamaBackend:
         if not self._model:
             self._model = None
             raise ModelLoadError(
-                f"cannot load model {path}: llama.cpp rejected the file (set {LOG_ENV}=1 to see why)"
+                f"cannot load model {path}: llama.cpp rejected it (set {LOG_ENV}=1 to see why)"
             )
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -149,19 +152,23 @@ class LlamaBackend:
             self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
             self.model_name: str = self._meta("general.name") or path.stem
             template = llama_cpp.llama_model_chat_template(self._model, None)
-            self.chat_template: str | None = template.decode("utf-8", "replace") if template else None
+            self.chat_template: str | None = (
+                template.decode("utf-8", "replace") if template else None
+            )
             self.bos_text: str = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
             self.eos_text: str = self._token_text(llama_cpp.llama_vocab_eos(self._vocab))
             if llama_cpp.llama_supports_gpu_offload():
                 # llama.cpp offloads the output layer as one more layer; -1 means all of them.
                 all_layers = llama_cpp.llama_model_n_layer(self._model) + 1
-                self.gpu_layers_used: int = all_layers if n_gpu_layers < 0 else min(n_gpu_layers, all_layers)
+                self.gpu_layers_used: int = (
+                    all_layers if n_gpu_layers < 0 else min(n_gpu_layers, all_layers)
+                )
             else:
                 self.gpu_layers_used = 0
 
             self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
             batch = self._batch
-            # Pointers fetched once: every attribute access on the struct builds a new ctypes object.
+            # Pointers fetched once: each struct attribute access builds a new ctypes object.
             self._b_token = batch.token
             self._b_pos = batch.pos
             self._b_logits = batch.logits
@@ -181,7 +188,9 @@ class LlamaBackend:
         capacity = len(data) + 2
         while True:
             buffer = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_bos, True)
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buffer, capacity, add_bos, True
+            )
             if n >= 0:
                 return buffer[:n]
             capacity = -n
@@ -209,7 +218,7 @@ class LlamaBackend:
     # ---- decoding -----------------------------------------------------------------------
 
     def decode(self, entries: Sequence[BatchEntry]) -> None:
-        """Evaluate entries in one llama_decode; logits of entries with logits=True can be sampled."""
+        """Evaluate entries in one llama_decode; entries with logits=True can then be sampled."""
         n = len(entries)
         if not 1 <= n <= self.n_batch:
             # More than n_batch is a GGML_ASSERT in llama.cpp: it would kill the process.
@@ -260,7 +269,9 @@ class LlamaBackend:
         self.seq_clear(seq_id)
         buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(data), seq_id) == 0:
-            raise RuntimeError(f"llama.cpp refused the saved state for seq {seq_id} ({len(data)} bytes)")
+            raise RuntimeError(
+                f"llama.cpp refused the saved state for seq {seq_id} ({len(data)} bytes)"
+            )
 
     # ---- sampling -----------------------------------------------------------------------
 
@@ -318,9 +329,13 @@ class LlamaBackend:
 class Sampler:
     """One llama.cpp sampler chain, for one generation of one sequence."""
 
-    def __init__(self, backend: LlamaBackend, params: SamplingParams, history: Sequence[int]) -> None:
+    def __init__(
+        self, backend: LlamaBackend, params: SamplingParams, history: Sequence[int]
+    ) -> None:
         self._backend = backend
-        self._chain: Any = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._chain: Any = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params()
+        )
         # Arrays handed to C stay referenced for the chain's lifetime.
         self._keep: list[Any] = []
         chain = self._chain
@@ -338,23 +353,31 @@ class Sampler:
                 backend.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0
             )
             llama_cpp.llama_sampler_chain_add(chain, penalties)
-            # Only the penalty sampler remembers tokens; priming it alone leaves the others untouched.
+            # Only the penalty sampler needs the history; priming it alone leaves the rest as new.
             for token in list(history)[-PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(penalties, token)
         if params.temp <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
             if params.top_k > 0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+                llama_cpp.llama_sampler_chain_add(
+                    chain, llama_cpp.llama_sampler_init_top_k(params.top_k)
+                )
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
+            )
             if params.min_p > 0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+                llama_cpp.llama_sampler_chain_add(
+                    chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
+                )
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temp))
             seed = params.seed if params.seed is not None else secrets.randbits(32)
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+            )
 
     def sample(self, batch_index: int) -> int:
-        """Sample from the logits of batch position `batch_index` of the last decode (and accept it)."""
+        """Sample (and accept) a token from batch position `batch_index` of the last decode."""
         backend = self._backend
         if self._chain is None or backend._ctx is None:
             raise RuntimeError("the sampler or its backend is closed")

@@ -16,7 +16,8 @@ Turn = dict[str, str]
 class _IgnoreGenerationTags(jinja2.ext.Extension):
     """Pass-through for HuggingFace's `{% generation %}` tag, as llama-cpp-python does."""
 
-    tags = {"generation"}
+    # jinja2 declares `tags` a set on Extension; a ClassVar here would clash with its stubs.
+    tags = {"generation"}  # noqa: RUF012
 
     def parse(self, parser: Any) -> Any:
         parser.stream.skip(1)
@@ -31,7 +32,9 @@ def _tojson(
     sort_keys: bool = False,
 ) -> str:
     # Transformers renders tojson with ensure_ascii=False; templates are written against that.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_exception(message: str) -> None:
@@ -43,7 +46,7 @@ def _strftime_now(fmt: str) -> str:
 
 
 class ChatRenderer:
-    """Text to append to a session so that its context holds the conversation plus a generation prompt.
+    """Text to append to a session so that it holds the conversation plus a generation prompt.
 
     A session's context already holds `history` (assistant replies included, each ending at the
     end-of-turn token the model sampled). `render(history, new)` returns only what must be added.
@@ -83,7 +86,7 @@ class ChatRenderer:
                 raise ValueError(f"chat template does not compile: {exc}") from None
 
     def render(self, history: list[Turn], new: list[Turn]) -> str:
-        """The text to append to a context holding `history` so that it holds history + new + prompt."""
+        """Text to append to a context holding `history` so that it holds history + new + prompt."""
         if self._compiled is None:
             return self._render_gemma(history, new)
         full = self._render_template(history + new, add_generation_prompt=True)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 
 class TextStream:
-    """Token bytes in, safe text out: UTF-8 never split, stop strings held back until they can no longer match.
+    """Token bytes in, safe text out.
+
+    UTF-8 is never split, and stop strings are held back until they can no longer match.
 
     One stream per generation. `push` each sampled token's bytes and send what it returns;
     at the end of a generation that did not stop, send `flush()`.

@@ -1,0 +1,389 @@
+"""The trio client: the same shape as Client, with one dispatcher task routing replies by id."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sys
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any
+
+import trio
+import zmq
+from inferencecenter.protocol import wire
+from inferencecenter.protocol.errors import ProtocolError
+from inferencecenter.protocol.messages import (
+    ABORTED,
+    ERROR,
+    PONG,
+    SESSION_CLOSED,
+    SESSION_CREATED,
+    SESSION_LIST,
+    STATS,
+)
+from inferencecenter.protocol.zmqtrio import TrioSocket
+
+from . import credentials
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+from .client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_ENDPOINT,
+    DEFAULT_TIMEOUT,
+    MAX_REPLY_BYTES,
+    Body,
+    TokenStream,
+    auth_request,
+    check_auth,
+    expect,
+    infer_request,
+    no_reply,
+    reply_fields,
+)
+
+
+class _Route:
+    """Where the dispatcher puts the replies of one request."""
+
+    def __init__(self) -> None:
+        # Unbounded, so one unread stream never holds up the replies of other requests.
+        self.send, self.receive = trio.open_memory_channel[Body](math.inf)
+
+
+class AsyncClient:
+    """A connection to the daemon for trio code: `async with AsyncClient(...) as client:`.
+
+    Entering starts a nursery with the socket's owner task and the dispatcher, then
+    authenticates (AuthFailed on `auth_failed`); leaving cancels both and closes the socket.
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        client_id: str | None = None,
+        api_key: str | None = None,
+        *,
+        clients_file: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float | None = None,
+    ) -> None:
+        # Resolved now, so a missing key is reported before any socket exists.
+        self._creds = credentials.resolve(client_id, api_key, clients_file)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.connect_timeout = (
+            min(timeout, DEFAULT_CONNECT_TIMEOUT) if connect_timeout is None else connect_timeout
+        )
+        self.server: dict[str, Any] = {}
+        self.client_id = self._creds.client_id
+        self.max_sessions = 0
+        self.priority = ""
+
+        self._ids = itertools.count(1)
+        self._routes: dict[int, _Route] = {}
+        self._unanswered: set[int] = set()
+        self._forgotten: deque[int] = deque()  # appended from finalizers
+        self._socket: TrioSocket | None = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(endpoint={self.endpoint!r}, client_id={self.client_id!r})"
+
+    async def __aenter__(self) -> AsyncClient:
+        if self._nursery is not None or self._closed:
+            raise RuntimeError("an AsyncClient can be entered only once")
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self._socket = TrioSocket(sock)
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._socket.run)
+        self._nursery.start_soon(self._dispatch)
+        try:
+            reply = check_auth(
+                await self._request(auth_request(self._creds), None, self.connect_timeout, "auth")
+            )
+        except BaseException:
+            # Leave cleanly, then raise the error itself (not wrapped in an ExceptionGroup).
+            await self._shutdown()
+            raise
+        server = reply.get("server")
+        self.server = dict(server) if isinstance(server, dict) else {}
+        self.client_id = str(reply.get("client_id", self.client_id))
+        self.max_sessions = int(reply.get("max_sessions", 0))
+        self.priority = str(reply.get("priority", ""))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        if exc is not None and not isinstance(exc, (trio.Cancelled, BaseExceptionGroup)):
+            # An error of the caller's own code: let it propagate as itself. Cancelled must go
+            # to the nursery, whose cancel scope may be the one that raised it.
+            await self._shutdown()
+            return False
+        return await self._shutdown(exc_type, exc, tb)
+
+    async def _shutdown(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> bool | None:
+        self._closed = True
+        assert self._nursery is not None and self._nursery_manager is not None
+        assert self._socket is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        finally:
+            self._socket.close()
+            for route in self._routes.values():
+                route.send.close()  # a reader still waiting learns the client is gone
+
+    async def aclose(self) -> None:
+        """Leave early, for code that did not use `async with` to scope the client."""
+        if not self._closed and self._nursery is not None:
+            await self._shutdown()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- operations ----
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        start = time.perf_counter()
+        await self._request({"op": "ping"}, PONG)
+        return time.perf_counter() - start
+
+    async def create_session(
+        self, model: str | None = None, system_prompt: str | None = None
+    ) -> AsyncSession:
+        body: Body = {"op": "create_session"}
+        if model is not None:
+            body["model"] = model
+        if system_prompt is not None:
+            body["system_prompt"] = system_prompt
+        reply = await self._request(body, SESSION_CREATED)
+        ctx_size = reply.get("ctx_size")
+        return AsyncSession(
+            self,
+            str(reply["session_id"]),
+            str(reply.get("model", model or "")),
+            ctx_size if isinstance(ctx_size, int) else None,
+        )
+
+    def session(self, session_id: str) -> AsyncSession:
+        """A handle to an existing session (of this client_id); no request is sent."""
+        return AsyncSession(self, session_id, None, None)
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        reply = await self._request({"op": "list_sessions"}, SESSION_LIST)
+        sessions = reply.get("sessions")
+        if not isinstance(sessions, list):
+            return []
+        return [dict(s) for s in sessions if isinstance(s, dict)]
+
+    async def stats(self) -> dict[str, Any]:
+        return reply_fields(await self._request({"op": "stats"}, STATS))
+
+    # ---- requests and replies ----
+
+    async def _request(
+        self,
+        body: Body,
+        op: str | None,
+        timeout: float | None = None,
+        waiting_for: str | None = None,
+    ) -> Body:
+        request_id = self._start(body)
+        try:
+            reply = await self._receive(
+                request_id,
+                self.timeout if timeout is None else timeout,
+                waiting_for or f"the reply to {body['op']}",
+            )
+        finally:
+            self._forget(request_id)
+        return reply if op is None else expect(reply, op)
+
+    def _start(self, body: Body) -> int:
+        """Queue a request on the socket; its replies go to a fresh route."""
+        if self._closed or self._socket is None:
+            raise RuntimeError(f"the client for {self.endpoint} is not open")
+        request_id = next(self._ids)
+        self._routes[request_id] = _Route()
+        self._unanswered.add(request_id)
+        self._socket.send(wire.client_frames({**body, "id": request_id}))
+        return request_id
+
+    async def _receive(self, request_id: int, timeout: float, waiting_for: str) -> Body:
+        self._drop_forgotten()
+        route = self._routes.get(request_id)
+        if route is None:
+            raise RuntimeError(f"request {request_id} has no route (already finished)")
+        with trio.move_on_after(timeout):
+            try:
+                return await route.receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise RuntimeError(f"the client for {self.endpoint} is closed") from None
+        raise no_reply(self.endpoint, timeout, waiting_for)
+
+    def _forget(self, request_id: int) -> None:
+        self._forgotten.append(request_id)
+
+    def _drop_forgotten(self) -> None:
+        while self._forgotten:
+            request_id = self._forgotten.popleft()
+            route = self._routes.pop(request_id, None)
+            if route is not None:
+                route.send.close()
+            self._unanswered.discard(request_id)
+
+    async def _dispatch(self) -> None:
+        """Route every reply to the request with its id; replies nobody waits for are dropped."""
+        assert self._socket is not None
+        async for frames in self._socket:
+            self._drop_forgotten()
+            try:
+                reply = wire.parse_client_frames(frames, MAX_REPLY_BYTES)
+            except ProtocolError:
+                continue
+            request_id = reply.get("id")
+            if "id" not in reply and reply.get("op") == ERROR:
+                # The daemon could not read our id (e.g. too_large): blame the newest request
+                # still waiting for its first reply.
+                request_id = max(self._unanswered, default=None)
+            if not isinstance(request_id, int):
+                continue
+            route = self._routes.get(request_id)
+            if route is not None:
+                self._unanswered.discard(request_id)
+                route.send.send_nowait(reply)
+
+
+class AsyncSession:
+    """One conversation on the daemon; its context persists between `infer` calls."""
+
+    def __init__(
+        self, client: AsyncClient, session_id: str, model: str | None, ctx_size: int | None
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.model = model
+        self.ctx_size = ctx_size
+
+    def __repr__(self) -> str:
+        return f"AsyncSession({self.session_id!r}, model={self.model!r})"
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.client.closed:
+            with trio.CancelScope(shield=True):
+                await self.close()
+
+    def infer(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        reset: bool = False,
+        **params: Any,
+    ) -> AsyncGeneration:
+        """Start generating (the request is queued at once); `async for` over the pieces."""
+        body = infer_request(self.session_id, prompt, messages, reset, params)
+        return AsyncGeneration(self, self.client._start(body))
+
+    async def abort(self) -> None:
+        """Stop a running generation; it then ends with finish_reason "aborted"."""
+        await self.client._request({"op": "abort", "session_id": self.session_id}, ABORTED)
+
+    async def close(self) -> None:
+        """Free the session on the daemon (a running generation is aborted first)."""
+        await self.client._request(
+            {"op": "close_session", "session_id": self.session_id}, SESSION_CLOSED
+        )
+
+
+class AsyncGeneration(AsyncIterator[str]):
+    """The pieces of one `infer`, in order; `.stats` and `.finish_reason` are set at the end."""
+
+    def __init__(self, session: AsyncSession, request_id: int) -> None:
+        self.session = session
+        self.request_id = request_id
+        self._stream = TokenStream()
+        self._finalizer = weakref.finalize(self, session.client._forget, request_id)
+
+    def __aiter__(self) -> AsyncGeneration:
+        return self
+
+    async def __anext__(self) -> str:
+        client = self.session.client
+        try:
+            while not self._stream.done:
+                reply = await client._receive(self.request_id, client.timeout, "the next token")
+                piece = self._stream.feed(reply)
+                if piece is not None:
+                    return piece
+        finally:
+            if self._stream.done:
+                self._finalizer()
+        raise StopAsyncIteration
+
+    @property
+    def text(self) -> str:
+        """Everything received so far."""
+        return self._stream.text
+
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        return self._stream.stats
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._stream.finish_reason
+
+    @property
+    def done(self) -> bool:
+        return self._stream.done
+
+    async def wait(self) -> str:
+        """Consume the rest of the stream and return the whole text."""
+        async for _ in self:
+            pass
+        return self.text
+
+    async def abort(self) -> None:
+        """Ask the daemon to stop; keep iterating (or `await wait()`) to reach the end."""
+        if not self._stream.done:
+            await self.session.abort()
+
+    async def aclose(self) -> None:
+        """Abort if still running and drain to the end, so the session is idle afterwards."""
+        if self._stream.done or self.session.client.closed:
+            return
+        await self.abort()
+        await self.wait()

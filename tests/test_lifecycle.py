@@ -1,0 +1,119 @@
+"""Starting and stopping the daemon: readiness, bad settings, first start, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from .conftest import RawClient, free_port, start_daemon, stop_daemon, wait_for_pong
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inferencecenter.daemon", "serve", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def test_missing_model_exits_at_once_with_one_clear_line(tmp_path: Path) -> None:
+    result = run_serve("--model", str(tmp_path / "nope.gguf"), "--clients", str(tmp_path / "c.json"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nope.gguf" in lines[0] and "does not exist" in lines[0]
+
+
+def test_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"PK\x03\x04 not a model")
+    result = run_serve("--model", str(bogus))
+    assert result.returncode != 0 and "not a GGUF file" in result.stderr
+
+
+def test_bad_clients_file_is_refused(tmp_path: Path) -> None:
+    clients = tmp_path / "clients.json"
+    clients.write_text('{"clients": [{"client_id": "x"}]}')
+    result = run_serve("--clients", str(clients))
+    assert result.returncode != 0 and "api_key" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_flag_values_are_refused(tmp_path: Path) -> None:
+    for args in (["--parallel", "0"], ["--port", "70000"], ["--ctx-size", "3"]):
+        result = run_serve(*args)
+        assert result.returncode != 0, args
+        assert result.stderr.strip().splitlines()[-1].startswith("inferencecenter:")
+
+
+def test_busy_port_fails_with_a_clear_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        clients = tmp_path / "c.json"
+        clients.write_text(json.dumps({"clients": [{"client_id": "a", "api_key": "a" * 16}]}))
+        result = run_serve("--port", str(port), "--metrics-port", str(free_port()), "--clients", str(clients))
+    assert result.returncode == 1
+    assert "Address already in use" in result.stderr.strip().splitlines()[-1] or "in use" in result.stderr
+
+
+def test_first_start_writes_a_private_clients_file_and_never_logs_the_key(tmp_path: Path) -> None:
+    config_home = tmp_path / "config"
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp_path / "log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "inferencecenter.daemon", "serve",
+             "--port", str(port), "--metrics-port", str(metrics_port), "--parallel", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XDG_CONFIG_HOME": str(config_home)},
+        )
+    try:
+        wait_for_pong(f"tcp://127.0.0.1:{port}", process, 120)
+        path = config_home / "inferencecenter" / "clients.json"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        entry = json.loads(path.read_text())["clients"][0]
+        assert entry["client_id"] == "local"
+        client = RawClient(f"tcp://127.0.0.1:{port}")
+        try:
+            client.auth("local", entry["api_key"])
+        finally:
+            client.close()
+    finally:
+        assert stop_daemon(process) == 0
+    log_text = log_path.read_text()
+    assert str(path) in log_text and entry["api_key"] not in log_text
+
+
+def test_actors_are_processes_named_in_ps_and_sigterm_ends_streams(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path)
+    try:
+        children = psutil.Process(daemon.process.pid).children(recursive=True)
+        commands = [" ".join(child.cmdline()) for child in children]
+        for actor in ("gateway", "auth", "sessions", "engine", "monitor"):
+            assert any(f"inferencecenter-{actor}" in command for command in commands), commands
+        client = RawClient(daemon.endpoint)
+        client.auth(daemon.client_id, daemon.api_key)
+        session_id = client.request({"op": "create_session"})["session_id"]
+        client.send({"op": "infer", "id": "g", "session_id": session_id, "prompt": "Tell me everything",
+                     "params": {"max_tokens": 2000, "ignore_eos": True}})
+        assert client.recv()["op"] == "token"
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        _, end = client.stream("g")
+        assert end["op"] == "end" and end["finish_reason"] == "aborted"
+        assert daemon.process.wait(10) == 0
+        assert time.monotonic() - started < 10
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive
+        client.close()
+    finally:
+        stop_daemon(daemon.process)
