@@ -139,6 +139,7 @@ class RawClient:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
+        self.backlog: list[dict[str, Any]] = []  # replies read while waiting for another id
 
     def send(self, body: dict[str, Any]) -> None:
         self.sock.send_multipart(wire.client_frames(body))
@@ -162,13 +163,22 @@ class RawClient:
         assert reply["op"] == "auth_success", reply
         return reply
 
+    def recv_for(self, request_id: Any) -> dict[str, Any]:
+        """The next reply carrying `request_id`; others wait in the backlog for their turn."""
+        for index, reply in enumerate(self.backlog):
+            if reply.get("id") == request_id:
+                return self.backlog.pop(index)
+        while True:
+            reply = self.recv()
+            if reply.get("id") == request_id:
+                return reply
+            self.backlog.append(reply)
+
     def stream(self, request_id: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Collect `token` replies of one infer until its `end`."""
         tokens: list[dict[str, Any]] = []
         while True:
-            reply = self.recv()
-            if reply.get("id") != request_id:
-                continue
+            reply = self.recv_for(request_id)
             if reply["op"] == "token":
                 tokens.append(reply)
             elif reply["op"] in ("end", "error"):
