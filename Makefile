@@ -29,7 +29,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy -p inferencecenter.protocol -p inferencecenter.clients -p inferencecenter.daemon -p inferencecenter.actors
+	@# mypy needs the folders under their installed names: a tree of symlinks gives them.
+	rm -rf build/typecheck && mkdir -p build/typecheck/inferencecenter
+	for d in daemon actors protocol clients; do ln -s ../../../$$d build/typecheck/inferencecenter/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../setup.cfg \
+		-p inferencecenter.protocol -p inferencecenter.clients -p inferencecenter.daemon -p inferencecenter.actors
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -54,7 +54,7 @@ class ActorServer:
     def __init__(self, name: str, config: Config, handlers: Mapping[str, Handler]) -> None:
         self.name = name
         self.handlers = dict(handlers)
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -119,7 +119,7 @@ class ActorLink:
 
     def __init__(self, name: str, config: Config) -> None:
         self.name = name
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -177,7 +177,7 @@ class ActorLink:
 
 def report_to_supervisor(config: Config, body: Body) -> None:
     """Tell the supervisor `ready` or `fatal` (a short-lived PUSH: used once or twice per life)."""
-    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(internal.endpoint(config.runtime_dir, internal.SUPERVISOR))
     sock.send(internal.pack(body))
@@ -221,7 +221,9 @@ class ActorProcess:
             message = str(cause) or type(cause).__name__
             EventLog(self.name).error("actor failed", error=message)
             EventLog(self.name).debug("actor failed", traceback=_traceback(exc))
-            report_to_supervisor(self.config, {"op": "fatal", "actor": self.name, "message": message})
+            report_to_supervisor(
+                self.config, {"op": "fatal", "actor": self.name, "message": message}
+            )
             return 1
         return 0
 

@@ -1,4 +1,4 @@
-"""The auth actor: checks credentials against the clients file, in constant time over all entries."""
+"""The auth actor: checks credentials against the clients file in constant time."""
 
 from __future__ import annotations
 

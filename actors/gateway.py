@@ -19,7 +19,6 @@ from ..protocol.errors import (
     NotFound,
     Overloaded,
     ProtocolError,
-    TooLarge,
     Unauthenticated,
     error_body,
 )
@@ -70,11 +69,12 @@ class Gateway:
         self.engine = ActorLink(internal.ENGINE, config)
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
-        self.server_info = {
+        self.models = [config.model_name]
+        self.server_info: dict[str, Any] = {
             "name": "inferencecenter",
             "version": _version(),
             "protocol": wire.PROTOCOL_VERSION,
-            "models": [config.model_name],
+            "models": self.models,
         }
         self.handlers: dict[str, Handler] = {
             "ping": self.ping,
@@ -97,7 +97,9 @@ class Gateway:
         self.frontend.send([peer, wire.TAG, wire.pack(body)])
 
     def reply_error(self, peer: bytes, request_id: int | str | None, exc: ProtocolError) -> None:
-        self.frontend.send([peer, wire.TAG, wire.pack(error_body(exc.code, exc.message, request_id))])
+        self.frontend.send(
+            [peer, wire.TAG, wire.pack(error_body(exc.code, exc.message, request_id))]
+        )
 
     async def run(self, nursery: trio.Nursery) -> None:
         for link in (self.auth, self.sessions, self.engine):
@@ -193,7 +195,7 @@ class Gateway:
     async def create_session(self, peer: bytes, request: Request) -> None:
         state = self.client_of(peer)
         model = request.fields["model"] or self.config.model_name
-        if model not in self.server_info["models"]:
+        if model not in self.models:
             raise NotFound(f"no model {model[:80]!r}; this daemon serves {self.config.model_name}")
         created = await self.sessions.request(
             "create", client_id=state.client_id, max_sessions=state.max_sessions, model=model
@@ -277,7 +279,11 @@ class Gateway:
                 if "message" in body:
                     end["message"] = body["message"]
                 self.reply(
-                    stream.peer, stream.request_id, messages.END, session_id=stream.session_id, **end
+                    stream.peer,
+                    stream.request_id,
+                    messages.END,
+                    session_id=stream.session_id,
+                    **end,
                 )
             else:
                 code = str(body.get("code", "internal"))
@@ -285,7 +291,9 @@ class Gateway:
                     [
                         stream.peer,
                         wire.TAG,
-                        wire.pack(error_body(code, str(body.get("message", "")), stream.request_id)),
+                        wire.pack(
+                            error_body(code, str(body.get("message", "")), stream.request_id)
+                        ),
                     ]
                 )
 
@@ -311,7 +319,7 @@ class Gateway:
 
 
 def open_frontend(config: Config) -> TrioSocket:
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.MAXMSGSIZE, wire.hard_cap(config.max_message_bytes))
     sock.setsockopt(zmq.SNDHWM, 100_000)

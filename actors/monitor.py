@@ -113,7 +113,7 @@ async def main(config: Config, stop: trio.Event) -> None:
     actor = MonitorActor()
     assert set(actor.handlers) == set(internal.MONITOR_OPS)
     server = ActorServer(internal.MONITOR, config, actor.handlers)
-    sock = zmq.Context.instance().socket(zmq.PUB)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never slows us
     sock.bind(f"tcp://{config.bind}:{config.metrics_port}")

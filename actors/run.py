@@ -1,4 +1,4 @@
-"""Process entry of every actor: `python -m inferencecenter.actors.run inferencecenter-<name> ...`."""
+"""Process entry of every actor: `python -m inferencecenter.actors.run inferencecenter-NAME`."""
 
 from .actor import actor_entry
 

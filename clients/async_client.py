@@ -45,6 +45,7 @@ from .client import (
     check_auth,
     expect,
     infer_request,
+    lost_auth,
     no_reply,
     reply_fields,
 )
@@ -111,19 +112,20 @@ class AsyncClient:
         self._nursery.start_soon(self._socket.run)
         self._nursery.start_soon(self._dispatch)
         try:
-            reply = check_auth(
-                await self._request(auth_request(self._creds), None, self.connect_timeout, "auth")
-            )
+            await self._authenticate(self.connect_timeout)
         except BaseException:
             # Leave cleanly, then raise the error itself (not wrapped in an ExceptionGroup).
             await self._shutdown()
             raise
+        return self
+
+    async def _authenticate(self, timeout: float | None = None) -> None:
+        reply = check_auth(await self._exchange(auth_request(self._creds), timeout, "auth"))
         server = reply.get("server")
         self.server = dict(server) if isinstance(server, dict) else {}
         self.client_id = str(reply.get("client_id", self.client_id))
         self.max_sessions = int(reply.get("max_sessions", 0))
         self.priority = str(reply.get("priority", ""))
-        return self
 
     async def __aexit__(
         self,
@@ -205,12 +207,17 @@ class AsyncClient:
 
     # ---- requests and replies ----
 
-    async def _request(
-        self,
-        body: Body,
-        op: str | None,
-        timeout: float | None = None,
-        waiting_for: str | None = None,
+    async def _request(self, body: Body, op: str) -> Body:
+        """Send one request and return its reply, checked to be `op`; after a reconnect the
+        daemon says `unauthenticated`, so authenticate again and retry once."""
+        reply = await self._exchange(body)
+        if lost_auth(reply):
+            await self._authenticate()
+            reply = await self._exchange(body)
+        return expect(reply, op)
+
+    async def _exchange(
+        self, body: Body, timeout: float | None = None, waiting_for: str | None = None
     ) -> Body:
         request_id = self._start(body)
         try:
@@ -221,7 +228,7 @@ class AsyncClient:
             )
         finally:
             self._forget(request_id)
-        return reply if op is None else expect(reply, op)
+        return reply
 
     def _start(self, body: Body) -> int:
         """Queue a request on the socket; its replies go to a fresh route."""
@@ -314,8 +321,9 @@ class AsyncSession:
         **params: Any,
     ) -> AsyncGeneration:
         """Start generating (the request is queued at once); `async for` over the pieces."""
-        body = infer_request(self.session_id, prompt, messages, reset, params)
-        return AsyncGeneration(self, self.client._start(body))
+        return AsyncGeneration(
+            self, infer_request(self.session_id, prompt, messages, reset, params)
+        )
 
     async def abort(self) -> None:
         """Stop a running generation; it then ends with finish_reason "aborted"."""
@@ -331,11 +339,12 @@ class AsyncSession:
 class AsyncGeneration(AsyncIterator[str]):
     """The pieces of one `infer`, in order; `.stats` and `.finish_reason` are set at the end."""
 
-    def __init__(self, session: AsyncSession, request_id: int) -> None:
+    def __init__(self, session: AsyncSession, body: Body) -> None:
         self.session = session
-        self.request_id = request_id
+        self._body = body
         self._stream = TokenStream()
-        self._finalizer = weakref.finalize(self, session.client._forget, request_id)
+        self.request_id = session.client._start(body)
+        self._finalizer = weakref.finalize(self, session.client._forget, self.request_id)
 
     def __aiter__(self) -> AsyncGeneration:
         return self
@@ -345,6 +354,9 @@ class AsyncGeneration(AsyncIterator[str]):
         try:
             while not self._stream.done:
                 reply = await client._receive(self.request_id, client.timeout, "the next token")
+                if self._stream.next_seq == 0 and lost_auth(reply):
+                    await self._restart()
+                    continue
                 piece = self._stream.feed(reply)
                 if piece is not None:
                     return piece
@@ -352,6 +364,14 @@ class AsyncGeneration(AsyncIterator[str]):
             if self._stream.done:
                 self._finalizer()
         raise StopAsyncIteration
+
+    async def _restart(self) -> None:
+        """Authenticate again and resend the infer, which the daemon refused unread."""
+        client = self.session.client
+        self._finalizer()
+        await client._authenticate()
+        self.request_id = client._start(self._body)
+        self._finalizer = weakref.finalize(self, client._forget, self.request_id)
 
     @property
     def text(self) -> str:

@@ -98,6 +98,11 @@ def infer_request(
     return body
 
 
+def lost_auth(reply: Body) -> bool:
+    """An `unauthenticated` error: the daemon forgot this connection (a reconnect or restart)."""
+    return reply.get("op") == ERROR and reply.get("code") == "unauthenticated"
+
+
 def reply_fields(reply: Body) -> Body:
     """A reply without its envelope (`op`, `id`), as the caller wants it."""
     return {key: value for key, value in reply.items() if key not in ("op", "id")}
@@ -176,6 +181,7 @@ class Client:
         connect_timeout: float | None = None,
     ) -> None:
         creds = credentials.resolve(client_id, api_key, clients_file)
+        self._creds = creds
         self.endpoint = endpoint
         self.timeout = timeout
         self.server: dict[str, Any] = {}
@@ -202,13 +208,13 @@ class Client:
                 if connect_timeout is None
                 else connect_timeout
             )
-            reply = check_auth(self._request(auth_request(creds), None, wait, "auth"))
+            self._authenticate(wait)
         except BaseException:
             self.close()
             raise
-        self._authenticated(reply)
 
-    def _authenticated(self, reply: Body) -> None:
+    def _authenticate(self, timeout: float | None = None) -> None:
+        reply = check_auth(self._exchange(auth_request(self._creds), timeout, "auth"))
         server = reply.get("server")
         self.server = dict(server) if isinstance(server, dict) else {}
         self.client_id = str(reply.get("client_id", self.client_id))
@@ -282,14 +288,22 @@ class Client:
 
     # ---- requests and replies ----
 
-    def _request(
-        self,
-        body: Body,
-        op: str | None,
-        timeout: float | None = None,
-        waiting_for: str | None = None,
+    def _request(self, body: Body, op: str) -> Body:
+        """Send one request and return its reply, checked to be `op`.
+
+        ZeroMQ reconnects on its own after a network fault or a gateway restart, and the daemon
+        knows the new connection as unauthenticated: then authenticate again and retry once.
+        """
+        reply = self._exchange(body)
+        if lost_auth(reply):
+            self._authenticate()
+            reply = self._exchange(body)
+        return expect(reply, op)
+
+    def _exchange(
+        self, body: Body, timeout: float | None = None, waiting_for: str | None = None
     ) -> Body:
-        """Send one request and return its single reply (checked to be `op` unless None)."""
+        """Send one request and return its single reply, whatever it is."""
         request_id = self._open_box()
         try:
             self._send({**body, "id": request_id})
@@ -300,7 +314,7 @@ class Client:
             )
         finally:
             self._forget(request_id)
-        return reply if op is None else expect(reply, op)
+        return reply
 
     def _start(self, body: Body) -> int:
         """Send a request whose replies are a stream; the caller reads them with `_receive`."""
@@ -462,8 +476,7 @@ class Session:
         params of the protocol (temp, top_k, top_p, min_p, repeat_penalty, max_tokens, seed,
         stop, ignore_eos), checked here before anything is sent.
         """
-        body = infer_request(self.session_id, prompt, messages, reset, params)
-        return Generation(self, self.client._start(body))
+        return Generation(self, infer_request(self.session_id, prompt, messages, reset, params))
 
     def abort(self) -> None:
         """Stop a running generation; it then ends with finish_reason "aborted"."""
@@ -477,12 +490,13 @@ class Session:
 class Generation(Iterator[str]):
     """The pieces of one `infer`, in order; `.stats` and `.finish_reason` are set at the end."""
 
-    def __init__(self, session: Session, request_id: int) -> None:
+    def __init__(self, session: Session, body: Body) -> None:
         self.session = session
-        self.request_id = request_id
+        self._body = body
         self._stream = TokenStream()
+        self.request_id = session.client._start(body)
         # An abandoned generation must not keep collecting replies forever.
-        self._finalizer = weakref.finalize(self, session.client._forget, request_id)
+        self._finalizer = weakref.finalize(self, session.client._forget, self.request_id)
 
     def __iter__(self) -> Generation:
         return self
@@ -492,6 +506,9 @@ class Generation(Iterator[str]):
         try:
             while not self._stream.done:
                 reply = client._receive(self.request_id, client.timeout, "the next token")
+                if self._stream.next_seq == 0 and lost_auth(reply):
+                    self._restart()
+                    continue
                 piece = self._stream.feed(reply)
                 if piece is not None:
                     return piece
@@ -499,6 +516,14 @@ class Generation(Iterator[str]):
             if self._stream.done:
                 self._finalizer()
         raise StopIteration
+
+    def _restart(self) -> None:
+        """Authenticate again and resend the infer, which the daemon refused unread."""
+        client = self.session.client
+        self._finalizer()
+        client._authenticate()
+        self.request_id = client._start(self._body)
+        self._finalizer = weakref.finalize(self, client._forget, self.request_id)
 
     def __enter__(self) -> Generation:
         return self

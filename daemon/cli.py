@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="run the daemon")
     add_serve_arguments(serve_parser)
     serve_parser.set_defaults(func=serve)
+    from .bench import add_bench_command
+
+    add_bench_command(commands)
     try:
         from ..clients.cli import add_commands
     except ImportError:

@@ -53,7 +53,7 @@ class Supervisor:
         self.config_path = self.runtime_dir / "config.json"
         self.config_path.write_text(self.config.to_json())
         self.actors = {name: ActorProcess(name) for name in internal.ACTORS}
-        self.inbox = zmq.Context.instance().socket(zmq.PULL)
+        self.inbox: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.bind(internal.endpoint(self.runtime_dir, internal.SUPERVISOR))
         self.stopping = False
@@ -154,7 +154,13 @@ class Supervisor:
     def stop(self) -> None:
         """Engine first (it ends running generations with `end`), then the gateway (which
         delivers them), then the rest."""
-        order = [internal.ENGINE, internal.GATEWAY, internal.SESSIONS, internal.AUTH, internal.MONITOR]
+        order = [
+            internal.ENGINE,
+            internal.GATEWAY,
+            internal.SESSIONS,
+            internal.AUTH,
+            internal.MONITOR,
+        ]
         for name in order:
             self.stop_actor(self.actors[name], STOP_DEADLINE_S)
         self.inbox.close()

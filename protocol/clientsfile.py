@@ -102,7 +102,9 @@ def save(path: Path, entries: list[ClientEntry]) -> None:
 
 def create_default(path: Path) -> ClientEntry:
     """A new file with one client `local` and a random key."""
-    entry = ClientEntry(LOCAL_CLIENT_ID, new_api_key(), DEFAULT_MAX_SESSIONS, "normal", "this machine")
+    entry = ClientEntry(
+        LOCAL_CLIENT_ID, new_api_key(), DEFAULT_MAX_SESSIONS, "normal", "this machine"
+    )
     save(path, [entry])
     return entry
 

@@ -44,7 +44,8 @@ def endpoint(runtime_dir: str | Path, name: str) -> str:
 
 
 def pack(body: Body) -> bytes:
-    return msgpack.packb(body, use_bin_type=True)
+    data: bytes = msgpack.packb(body, use_bin_type=True)
+    return data
 
 
 def unpack(data: bytes) -> Body:

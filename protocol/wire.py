@@ -21,7 +21,8 @@ Body = dict[str, Any]
 
 def pack(body: Body) -> bytes:
     """Encode one map; strings stay str (use_bin_type=True), as every peer expects."""
-    return msgpack.packb(body, use_bin_type=True)
+    data: bytes = msgpack.packb(body, use_bin_type=True)
+    return data
 
 
 def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Body:

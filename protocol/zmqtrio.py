@@ -19,6 +19,10 @@ Frames = list[bytes]
 HEDGE_SECONDS = 0.05
 
 
+def _events(sock: zmq.Socket[Any]) -> int:
+    return int(sock.getsockopt(zmq.EVENTS))
+
+
 class TrioSocket:
     """A ZeroMQ socket used from trio: `run()` is the owner task; `send`/`receive` for the rest."""
 
@@ -60,7 +64,7 @@ class TrioSocket:
         try:
             while True:
                 busy = False
-                events = sock.EVENTS
+                events = _events(sock)
                 while self._outbox and events & zmq.POLLOUT:
                     try:
                         sock.send_multipart(self._outbox[0], zmq.NOBLOCK, copy=False)
@@ -68,7 +72,7 @@ class TrioSocket:
                         break
                     self._outbox.popleft()
                     busy = True
-                    events = sock.EVENTS
+                    events = _events(sock)
                 while events & zmq.POLLIN:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -79,7 +83,7 @@ class TrioSocket:
                         self._inbox_send.send_nowait(frames)
                     except trio.WouldBlock:
                         await self._inbox_send.send(frames)
-                    events = sock.EVENTS
+                    events = _events(sock)
                     if self._outbox and events & zmq.POLLOUT:
                         break  # interleave: keep replies flowing under a flood of requests
                 if busy:
@@ -87,7 +91,7 @@ class TrioSocket:
                     continue
                 with trio.move_on_after(HEDGE_SECONDS) as scope:
                     self._wait_scope = scope
-                    if self._outbox and not (sock.EVENTS & zmq.POLLOUT):
+                    if self._outbox and not (_events(sock) & zmq.POLLOUT):
                         await trio.lowlevel.wait_readable(fd)
                     elif not self._outbox:
                         await trio.lowlevel.wait_readable(fd)

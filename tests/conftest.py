@@ -1,4 +1,4 @@
-"""Fixtures: the real daemon with the real default model, on free ports, with its own clients file."""
+"""Fixtures: the real daemon with the real default model, on free ports, own clients file."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import zmq
@@ -48,12 +49,34 @@ class Daemon:
 
 
 def write_clients(path: Path) -> dict[str, str]:
-    keys = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789", "carol": "carol-key-0123456789"}
+    keys = {
+        "alice": "alice-key-0123456789",
+        "bob": "bob-key-0123456789",
+        "carol": "carol-key-0123456789",
+    }
     data = {
         "clients": [
-            {"client_id": "alice", "api_key": keys["alice"], "max_sessions": 6, "priority": "high", "description": "tests"},
-            {"client_id": "bob", "api_key": keys["bob"], "max_sessions": 6, "priority": "normal", "description": "tests"},
-            {"client_id": "carol", "api_key": keys["carol"], "max_sessions": 2, "priority": "low", "description": "limits"},
+            {
+                "client_id": "alice",
+                "api_key": keys["alice"],
+                "max_sessions": 6,
+                "priority": "high",
+                "description": "tests",
+            },
+            {
+                "client_id": "bob",
+                "api_key": keys["bob"],
+                "max_sessions": 6,
+                "priority": "normal",
+                "description": "tests",
+            },
+            {
+                "client_id": "carol",
+                "api_key": keys["carol"],
+                "max_sessions": 2,
+                "priority": "low",
+                "description": "limits",
+            },
         ]
     }
     path.write_text(json.dumps(data))
@@ -63,9 +86,21 @@ def write_clients(path: Path) -> dict[str, str]:
 
 def serve_command(port: int, metrics_port: int, clients: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "inferencecenter.daemon", "serve",
-        "--port", str(port), "--metrics-port", str(metrics_port),
-        "--clients", str(clients), "--parallel", "4", "--ctx-size", "1024", *extra,
+        sys.executable,
+        "-m",
+        "inferencecenter.daemon",
+        "serve",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--clients",
+        str(clients),
+        "--parallel",
+        "4",
+        "--ctx-size",
+        "1024",
+        *extra,
     ]
 
 
@@ -98,17 +133,29 @@ def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> D
     log = open(log_path, "wb")
     process = subprocess.Popen(
         serve_command(port, metrics_port, clients, *extra),
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     endpoint = f"tcp://127.0.0.1:{port}"
     try:
         wait_for_pong(endpoint, process, START_DEADLINE_S)
     except BaseException:
         stop_daemon(process)
-        raise RuntimeError("daemon did not start:\n" + log_path.read_text(errors="replace"))
+        raise RuntimeError(
+            "daemon did not start:\n" + log_path.read_text(errors="replace")
+        ) from None
     return Daemon(
-        process, endpoint, f"tcp://127.0.0.1:{metrics_port}", clients,
-        "alice", keys["alice"], "bob", keys["bob"], log_path, {"carol_key": keys["carol"]},
+        process,
+        endpoint,
+        f"tcp://127.0.0.1:{metrics_port}",
+        clients,
+        "alice",
+        keys["alice"],
+        "bob",
+        keys["bob"],
+        log_path,
+        {"carol_key": keys["carol"]},
     )
 
 

@@ -22,7 +22,9 @@ def new_session(client: RawClient, **fields: Any) -> str:
     return str(reply["session_id"])
 
 
-def run_infer(client: RawClient, session_id: str, request_id: Any = "i", **fields: Any) -> tuple[str, dict[str, Any]]:
+def run_infer(
+    client: RawClient, session_id: str, request_id: Any = "i", **fields: Any
+) -> tuple[str, dict[str, Any]]:
     client.send({"op": "infer", "id": request_id, "session_id": session_id, **fields})
     tokens, end = client.stream(request_id)
     assert end["op"] == "end", end
@@ -89,7 +91,10 @@ def test_reauth_as_another_client_keeps_sessions_with_their_creator(daemon: Daem
         assert reply["code"] == "forbidden"
         assert client.request({"op": "list_sessions"})["sessions"] == []
         client.auth("alice", daemon.api_key)
-        assert client.request({"op": "close_session", "session_id": session_id})["op"] == "session_closed"
+        assert (
+            client.request({"op": "close_session", "session_id": session_id})["op"]
+            == "session_closed"
+        )
     finally:
         client.close()
 
@@ -109,7 +114,9 @@ def test_reauth_as_another_client_keeps_sessions_with_their_creator(daemon: Daem
         [b"ICP1", b""],
     ],
 )
-def test_malformed_frames_get_bad_request_and_the_daemon_goes_on(raw: RawClient, frames: list[bytes]) -> None:
+def test_malformed_frames_get_bad_request_and_the_daemon_goes_on(
+    raw: RawClient, frames: list[bytes]
+) -> None:
     raw.send_frames(frames)
     reply = raw.recv()
     assert (reply["op"], reply["code"]) == ("error", "bad_request")
@@ -140,10 +147,19 @@ def test_bad_bodies_are_bad_request(authed: RawClient, body: dict[str, Any], ech
     assert reply.get("id") == echo
 
 
-def test_junk_from_one_client_does_not_disturb_another_stream(daemon: Daemon, authed: RawClient) -> None:
+def test_junk_from_one_client_does_not_disturb_another_stream(
+    daemon: Daemon, authed: RawClient
+) -> None:
     session_id = new_session(authed)
-    authed.send({"op": "infer", "id": "s", "session_id": session_id, "prompt": "Once upon a time",
-                 "params": {"temp": 0, "max_tokens": 48}})
+    authed.send(
+        {
+            "op": "infer",
+            "id": "s",
+            "session_id": session_id,
+            "prompt": "Once upon a time",
+            "params": {"temp": 0, "max_tokens": 48},
+        }
+    )
     attacker = RawClient(daemon.endpoint)
     try:
         for frames in ([b"\x00" * 100], [b"ICP1", b"\xff" * 1000], [b"ICP1"] * 5):
@@ -151,7 +167,7 @@ def test_junk_from_one_client_does_not_disturb_another_stream(daemon: Daemon, au
             assert attacker.recv()["code"] == "bad_request"
     finally:
         attacker.close()
-    tokens, end = authed.stream("s")
+    _tokens, end = authed.stream("s")
     assert end["finish_reason"] == "length" and end["stats"]["tokens"] == 48
 
 
@@ -216,10 +232,14 @@ def test_other_clients_session_is_forbidden(daemon: Daemon, authed: RawClient) -
         ):
             reply = bob.request(body)
             assert reply["code"] == "forbidden", (body, reply)
-        assert session_id not in {s["session_id"] for s in bob.request({"op": "list_sessions"})["sessions"]}
+        assert session_id not in {
+            s["session_id"] for s in bob.request({"op": "list_sessions"})["sessions"]
+        }
     finally:
         bob.close()
-    assert authed.request({"op": "close_session", "session_id": session_id})["op"] == "session_closed"
+    assert (
+        authed.request({"op": "close_session", "session_id": session_id})["op"] == "session_closed"
+    )
 
 
 def test_unknown_session_is_not_found(authed: RawClient) -> None:
@@ -241,19 +261,35 @@ def test_list_sessions_shows_own_sessions_with_state_and_tokens(authed: RawClien
     entry = mine[0]
     assert entry["state"] == "idle" and entry["tokens"] > 24 and isinstance(entry["created"], float)
     assert isinstance(entry["model"], str)
-    authed.send({"op": "infer", "id": "g", "session_id": session_id, "prompt": " more",
-                 "params": {"max_tokens": 400, "ignore_eos": True}})
+    authed.send(
+        {
+            "op": "infer",
+            "id": "g",
+            "session_id": session_id,
+            "prompt": " more",
+            "params": {"max_tokens": 400, "ignore_eos": True},
+        }
+    )
     first = authed.recv()
     assert first["op"] == "token"
-    states = {s["session_id"]: s["state"] for s in authed.request({"op": "list_sessions"})["sessions"]}
+    states = {
+        s["session_id"]: s["state"] for s in authed.request({"op": "list_sessions"})["sessions"]
+    }
     assert states[session_id] == "generating"
     authed.request({"op": "close_session", "session_id": session_id})
 
 
 def test_close_session_aborts_its_generation_first(authed: RawClient) -> None:
     session_id = new_session(authed)
-    authed.send({"op": "infer", "id": "long", "session_id": session_id, "prompt": "Tell me a story",
-                 "params": {"max_tokens": 500, "ignore_eos": True}})
+    authed.send(
+        {
+            "op": "infer",
+            "id": "long",
+            "session_id": session_id,
+            "prompt": "Tell me a story",
+            "params": {"max_tokens": 500, "ignore_eos": True},
+        }
+    )
     assert authed.recv()["op"] == "token"
     authed.send({"op": "close_session", "id": "close", "session_id": session_id})
     seen: list[tuple[Any, str]] = []
@@ -272,8 +308,9 @@ def test_close_session_aborts_its_generation_first(authed: RawClient) -> None:
 
 def test_infer_streams_tokens_then_end_with_stats(authed: RawClient) -> None:
     session_id = new_session(authed)
-    text, end = run_infer(authed, session_id, request_id=77, prompt="The capital of France is",
-                          params=GREEDY)
+    text, end = run_infer(
+        authed, session_id, request_id=77, prompt="The capital of France is", params=GREEDY
+    )
     assert text.strip()
     assert end["id"] == 77 and end["session_id"] == session_id and end["finish_reason"] == "length"
     stats = end["stats"]
@@ -298,7 +335,9 @@ def test_greedy_output_is_reproducible_across_sessions(authed: RawClient) -> Non
     outputs = []
     for _ in range(2):
         session_id = new_session(authed)
-        text, _ = run_infer(authed, session_id, prompt="The three primary colors are", params=GREEDY)
+        text, _ = run_infer(
+            authed, session_id, prompt="The three primary colors are", params=GREEDY
+        )
         outputs.append(text)
         authed.request({"op": "close_session", "session_id": session_id})
     assert outputs[0] == outputs[1] and outputs[0]
@@ -306,49 +345,76 @@ def test_greedy_output_is_reproducible_across_sessions(authed: RawClient) -> Non
 
 def test_seeded_sampling_is_reproducible(authed: RawClient) -> None:
     params = {"temp": 1.0, "seed": 1234, "max_tokens": 24}
-    texts = [run_infer(authed, new_session(authed), prompt="Once upon a time", params=params)[0] for _ in range(2)]
+    texts = [
+        run_infer(authed, new_session(authed), prompt="Once upon a time", params=params)[0]
+        for _ in range(2)
+    ]
     assert texts[0] == texts[1]
 
 
 def test_stop_string_ends_generation_and_is_not_sent(authed: RawClient) -> None:
     session_id = new_session(authed)
-    reference, _ = run_infer(authed, session_id, prompt="The capital of France is",
-                             params={"temp": 0, "max_tokens": 40})
+    reference, _ = run_infer(
+        authed, session_id, prompt="The capital of France is", params={"temp": 0, "max_tokens": 40}
+    )
     words = reference.split()
     assert len(words) >= 4
     stop = words[3]
     session_id = new_session(authed)
-    text, end = run_infer(authed, session_id, prompt="The capital of France is",
-                          params={"temp": 0, "max_tokens": 40, "stop": [stop]})
+    text, end = run_infer(
+        authed,
+        session_id,
+        prompt="The capital of France is",
+        params={"temp": 0, "max_tokens": 40, "stop": [stop]},
+    )
     assert end["finish_reason"] == "stop"
     assert stop not in text and reference.startswith(text)
 
 
 def test_max_tokens_is_length(authed: RawClient) -> None:
-    _, end = run_infer(authed, new_session(authed), prompt="Count: 1 2 3",
-                       params={"max_tokens": 3, "ignore_eos": True})
+    _, end = run_infer(
+        authed,
+        new_session(authed),
+        prompt="Count: 1 2 3",
+        params={"max_tokens": 3, "ignore_eos": True},
+    )
     assert (end["finish_reason"], end["stats"]["tokens"]) == ("length", 3)
 
 
 def test_bad_params_are_bad_request_and_change_nothing(authed: RawClient) -> None:
     session_id = new_session(authed)
     for params in ({"temp": -1}, {"top_p": 0}, {"bogus": 1}, {"stop": [""]}, {"max_tokens": 0}):
-        reply = authed.request({"op": "infer", "id": "b", "session_id": session_id, "prompt": "x", "params": params})
+        reply = authed.request(
+            {"op": "infer", "id": "b", "session_id": session_id, "prompt": "x", "params": params}
+        )
         assert (reply["code"], reply["id"]) == ("bad_request", "b"), params
     listed = authed.request({"op": "list_sessions"})["sessions"]
     assert [s["tokens"] for s in listed if s["session_id"] == session_id] == [0]
 
 
 def test_prompt_and_messages_together_is_bad_request(authed: RawClient) -> None:
-    reply = authed.request({"op": "infer", "session_id": new_session(authed), "prompt": "a",
-                            "messages": [{"role": "user", "content": "b"}]})
+    reply = authed.request(
+        {
+            "op": "infer",
+            "session_id": new_session(authed),
+            "prompt": "a",
+            "messages": [{"role": "user", "content": "b"}],
+        }
+    )
     assert reply["code"] == "bad_request"
 
 
 def test_infer_while_generating_is_busy(authed: RawClient) -> None:
     session_id = new_session(authed)
-    authed.send({"op": "infer", "id": "a", "session_id": session_id, "prompt": "Go",
-                 "params": {"max_tokens": 300, "ignore_eos": True}})
+    authed.send(
+        {
+            "op": "infer",
+            "id": "a",
+            "session_id": session_id,
+            "prompt": "Go",
+            "params": {"max_tokens": 300, "ignore_eos": True},
+        }
+    )
     authed.send({"op": "infer", "id": "b", "session_id": session_id, "prompt": "Again"})
     while True:
         reply = authed.recv()
@@ -362,8 +428,15 @@ def test_infer_while_generating_is_busy(authed: RawClient) -> None:
 
 def test_abort_ends_generation_within_half_a_second(authed: RawClient) -> None:
     session_id = new_session(authed)
-    authed.send({"op": "infer", "id": "run", "session_id": session_id, "prompt": "Write a long essay",
-                 "params": {"max_tokens": 1000, "ignore_eos": True}})
+    authed.send(
+        {
+            "op": "infer",
+            "id": "run",
+            "session_id": session_id,
+            "prompt": "Write a long essay",
+            "params": {"max_tokens": 1000, "ignore_eos": True},
+        }
+    )
     assert authed.recv()["op"] == "token"
     sent = time.monotonic()
     authed.send({"op": "abort", "id": "stop", "session_id": session_id})
@@ -381,7 +454,7 @@ def test_abort_ends_generation_within_half_a_second(authed: RawClient) -> None:
     if not got_ack:
         assert authed.recv()["op"] == "aborted"
     # The session goes on after an abort.
-    text, end = run_infer(authed, session_id, prompt=" Next", params=GREEDY)
+    _text, end = run_infer(authed, session_id, prompt=" Next", params=GREEDY)
     assert end["finish_reason"] == "length"
 
 
@@ -401,25 +474,36 @@ def test_prompt_too_long_for_context_ends_with_context(authed: RawClient) -> Non
 
 def test_generation_that_fills_the_context_ends_with_context(authed: RawClient) -> None:
     session_id = new_session(authed)
-    _, end = run_infer(authed, session_id, prompt="word " * 990,
-                       params={"max_tokens": 200, "ignore_eos": True})
+    _, end = run_infer(
+        authed, session_id, prompt="word " * 990, params={"max_tokens": 200, "ignore_eos": True}
+    )
     assert end["finish_reason"] == "context"
     assert end["stats"]["prompt_tokens"] + end["stats"]["tokens"] == 1024
 
 
 def test_messages_use_the_chat_format_and_append(authed: RawClient) -> None:
     session_id = new_session(authed, system_prompt="You answer briefly.")
-    text, end = run_infer(authed, session_id, messages=[{"role": "user", "content": "Say hello."}],
-                          params={"temp": 0, "max_tokens": 16})
+    _text, end = run_infer(
+        authed,
+        session_id,
+        messages=[{"role": "user", "content": "Say hello."}],
+        params={"temp": 0, "max_tokens": 16},
+    )
     assert end["finish_reason"] in ("stop", "length")
-    _, second = run_infer(authed, session_id, messages=[{"role": "user", "content": "Again."}],
-                          params={"temp": 0, "max_tokens": 16})
+    _, second = run_infer(
+        authed,
+        session_id,
+        messages=[{"role": "user", "content": "Again."}],
+        params={"temp": 0, "max_tokens": 16},
+    )
     assert second["stats"]["cached_tokens"] > end["stats"]["prompt_tokens"]
 
 
 def test_multibyte_text_arrives_whole(authed: RawClient) -> None:
     session_id = new_session(authed)
-    text, _ = run_infer(authed, session_id, prompt="日本語の文章: 東京は", params={"temp": 0, "max_tokens": 40})
+    text, _ = run_infer(
+        authed, session_id, prompt="日本語の文章: 東京は", params={"temp": 0, "max_tokens": 40}
+    )
     assert text and "\ufffd" not in text
 
 
@@ -427,8 +511,13 @@ def test_stats_op_has_the_metrics_inference_map(authed: RawClient) -> None:
     reply = authed.request({"op": "stats", "id": "st"})
     assert reply["op"] == "stats" and reply["id"] == "st"
     assert set(reply["inference"]) == {
-        "active_generations", "queued", "total_sessions", "last_tps", "last_ttft_ms",
-        "total_tokens_generated", "tokens_per_second",
+        "active_generations",
+        "queued",
+        "total_sessions",
+        "last_tps",
+        "last_ttft_ms",
+        "total_tokens_generated",
+        "tokens_per_second",
     }
     assert isinstance(reply["sessions"], int)
 
@@ -444,8 +533,15 @@ def test_more_streams_than_slots_all_complete(daemon: Daemon) -> None:
             client.auth("bob", daemon.other_api_key)
             for k in range(2):  # 6 generations on 4 slots
                 session_id = new_session(client)
-                client.send({"op": "infer", "id": k, "session_id": session_id,
-                             "prompt": f"List {n + k + 3} fruits:", "params": {"max_tokens": 32, "ignore_eos": True}})
+                client.send(
+                    {
+                        "op": "infer",
+                        "id": k,
+                        "session_id": session_id,
+                        "prompt": f"List {n + k + 3} fruits:",
+                        "params": {"max_tokens": 32, "ignore_eos": True},
+                    }
+                )
                 pending.append((client, k))
         for client, k in pending:
             tokens, end = client.stream(k)
@@ -467,10 +563,19 @@ def test_concurrent_sessions_are_isolated_and_reproducible(daemon: Daemon) -> No
         try:
             client.auth("bob", daemon.other_api_key)
             sessions = [new_session(client) for _ in prompts]
-            for n, (session_id, prompt) in enumerate(zip(sessions, prompts)):
-                client.send({"op": "infer", "id": n, "session_id": session_id, "prompt": prompt,
-                             "params": {"temp": 0, "max_tokens": 20, "ignore_eos": True}})
-            texts = ["".join(t["content"] for t in client.stream(n)[0]) for n in range(len(prompts))]
+            for n, (session_id, prompt) in enumerate(zip(sessions, prompts, strict=False)):
+                client.send(
+                    {
+                        "op": "infer",
+                        "id": n,
+                        "session_id": session_id,
+                        "prompt": prompt,
+                        "params": {"temp": 0, "max_tokens": 20, "ignore_eos": True},
+                    }
+                )
+            texts = [
+                "".join(t["content"] for t in client.stream(n)[0]) for n in range(len(prompts))
+            ]
             for session_id in sessions:
                 client.request({"op": "close_session", "session_id": session_id})
             return texts
@@ -499,11 +604,18 @@ def test_metrics_stream_publishes_once_a_second(daemon: Daemon) -> None:
             metrics = wire.unpack(body)
             stamps.append(metrics["timestamp"])
         assert 0.5 < stamps[1] - stamps[0] < 1.5
-        assert metrics["gpu"] is None or {"name", "temp", "vram_total_mb", "throttling"} <= set(metrics["gpu"])
+        assert metrics["gpu"] is None or {"name", "temp", "vram_total_mb", "throttling"} <= set(
+            metrics["gpu"]
+        )
         assert set(metrics["host"]) == {"cpu_percent", "ram_total_mb", "ram_used_mb"}
         assert set(metrics["inference"]) == {
-            "active_generations", "queued", "total_sessions", "last_tps", "last_ttft_ms",
-            "total_tokens_generated", "tokens_per_second",
+            "active_generations",
+            "queued",
+            "total_sessions",
+            "last_tps",
+            "last_ttft_ms",
+            "total_tokens_generated",
+            "tokens_per_second",
         }
     finally:
         sub.close()

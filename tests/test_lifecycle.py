@@ -16,15 +16,22 @@ import psutil
 from .conftest import RawClient, free_port, start_daemon, stop_daemon, wait_for_pong
 
 
-def run_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_serve(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "inferencecenter.daemon", "serve", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
 def test_missing_model_exits_at_once_with_one_clear_line(tmp_path: Path) -> None:
-    result = run_serve("--model", str(tmp_path / "nope.gguf"), "--clients", str(tmp_path / "c.json"))
+    result = run_serve(
+        "--model", str(tmp_path / "nope.gguf"), "--clients", str(tmp_path / "c.json")
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "nope.gguf" in lines[0] and "does not exist" in lines[0]
@@ -61,9 +68,14 @@ def test_busy_port_fails_with_a_clear_line(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         clients = tmp_path / "c.json"
         clients.write_text(json.dumps({"clients": [{"client_id": "a", "api_key": "a" * 16}]}))
-        result = run_serve("--port", str(port), "--metrics-port", str(free_port()), "--clients", str(clients))
+        result = run_serve(
+            "--port", str(port), "--metrics-port", str(free_port()), "--clients", str(clients)
+        )
     assert result.returncode == 1
-    assert "Address already in use" in result.stderr.strip().splitlines()[-1] or "in use" in result.stderr
+    assert (
+        "Address already in use" in result.stderr.strip().splitlines()[-1]
+        or "in use" in result.stderr
+    )
 
 
 def test_first_start_writes_a_private_clients_file_and_never_logs_the_key(tmp_path: Path) -> None:
@@ -72,9 +84,21 @@ def test_first_start_writes_a_private_clients_file_and_never_logs_the_key(tmp_pa
     log_path = tmp_path / "log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "inferencecenter.daemon", "serve",
-             "--port", str(port), "--metrics-port", str(metrics_port), "--parallel", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XDG_CONFIG_HOME": str(config_home)},
+            [
+                sys.executable,
+                "-m",
+                "inferencecenter.daemon",
+                "serve",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--parallel",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "XDG_CONFIG_HOME": str(config_home)},
         )
     try:
         wait_for_pong(f"tcp://127.0.0.1:{port}", process, 120)
@@ -103,8 +127,15 @@ def test_actors_are_processes_named_in_ps_and_sigterm_ends_streams(tmp_path: Pat
         client = RawClient(daemon.endpoint)
         client.auth(daemon.client_id, daemon.api_key)
         session_id = client.request({"op": "create_session"})["session_id"]
-        client.send({"op": "infer", "id": "g", "session_id": session_id, "prompt": "Tell me everything",
-                     "params": {"max_tokens": 2000, "ignore_eos": True}})
+        client.send(
+            {
+                "op": "infer",
+                "id": "g",
+                "session_id": session_id,
+                "prompt": "Tell me everything",
+                "params": {"max_tokens": 2000, "ignore_eos": True},
+            }
+        )
         assert client.recv()["op"] == "token"
         started = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
@@ -112,7 +143,7 @@ def test_actors_are_processes_named_in_ps_and_sigterm_ends_streams(tmp_path: Pat
         assert end["op"] == "end" and end["finish_reason"] == "aborted"
         assert daemon.process.wait(10) == 0
         assert time.monotonic() - started < 10
-        gone, alive = psutil.wait_procs(children, timeout=5)
+        _gone, alive = psutil.wait_procs(children, timeout=5)
         assert not alive
         client.close()
     finally:

@@ -121,15 +121,29 @@ def test_request_id_echo_rules() -> None:
 
 def test_every_op_of_the_protocol_is_in_the_table() -> None:
     assert set(messages.REQUEST_FIELDS) == {
-        "ping", "auth", "create_session", "close_session",
-        "list_sessions", "infer", "abort", "stats",
+        "ping",
+        "auth",
+        "create_session",
+        "close_session",
+        "list_sessions",
+        "infer",
+        "abort",
+        "stats",
     }
 
 
 def test_every_error_code_has_one_exception_type() -> None:
     assert errors.ERROR_CODES == {
-        "bad_request", "too_large", "unauthenticated", "auth_failed", "forbidden",
-        "not_found", "limit_reached", "busy", "overloaded", "internal",
+        "bad_request",
+        "too_large",
+        "unauthenticated",
+        "auth_failed",
+        "forbidden",
+        "not_found",
+        "limit_reached",
+        "busy",
+        "overloaded",
+        "internal",
     }
     for code, cls in errors.ERROR_TYPES.items():
         exc = errors.error_from_body({"op": "error", "code": code, "message": "m"})

@@ -39,5 +39,3 @@ def check_eviction(authed: RawClient) -> None:
     assert resumed == expected
     for session_id in (target, reference):
         authed.request({"op": "close_session", "session_id": session_id})
-
-

@@ -59,12 +59,21 @@ def _init_process() -> None:
     if _backend_ready:
         return
     if os.environ.get(LOG_ENV) == "1":
-        # NULL restores llama.cpp's own stderr logger (llama_cpp's import installed a Python one).
-        llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
+        # A NULL callback (ctypes rejects None here) restores llama.cpp's own stderr logger;
+        # llama_cpp's import had installed a Python one that depends on `logging` levels.
+        llama_cpp.llama_log_set(llama_cpp.llama_log_callback(), ctypes.c_void_p(0))
     else:
         llama_cpp.llama_log_set(_discard_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     _backend_ready = True
+
+
+def _usable_cpus() -> int:
+    # os.cpu_count() counts the machine; a container or taskset may give this process fewer,
+    # and more llama.cpp threads than cores makes decoding much slower.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _check_gguf(path: Path) -> None:
@@ -127,7 +136,7 @@ class LlamaBackend:
             )
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-            threads = n_threads or os.cpu_count() or 1
+            threads = n_threads or _usable_cpus()
             ctx_params = llama_cpp.llama_context_default_params()
             ctx_params.n_ctx = n_seq_max * n_ctx_seq
             ctx_params.n_batch = n_batch
@@ -213,6 +222,7 @@ class LlamaBackend:
         return piece
 
     def is_eog(self, token: int) -> bool:
+        self._require_open()
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # ---- decoding -----------------------------------------------------------------------
@@ -283,6 +293,7 @@ class LlamaBackend:
     def eog_tokens(self) -> tuple[int, ...]:
         """Every end-of-generation token (gemma has three: <eos>, <end_of_turn>, </s>)."""
         if self._eog_tokens is None:
+            self._require_open()
             # One pass over the vocabulary (~0.1 s), done the first time ignore_eos is asked for.
             is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._vocab
             self._eog_tokens = tuple(t for t in range(self.n_vocab) if is_eog(vocab, t))
@@ -338,7 +349,14 @@ class Sampler:
         )
         # Arrays handed to C stay referenced for the chain's lifetime.
         self._keep: list[Any] = []
-        chain = self._chain
+        try:
+            self._build(params, history)
+        except BaseException:
+            self.free()
+            raise
+
+    def _build(self, params: SamplingParams, history: Sequence[int]) -> None:
+        backend, chain = self._backend, self._chain
         if params.ignore_eos:
             eog = backend.eog_tokens()
             biases = (llama_cpp.llama_logit_bias * len(eog))(

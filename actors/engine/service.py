@@ -186,9 +186,9 @@ class Engine:
             return self.backend.tokenize(text, add_bos=fresh)
         assert prompt is not None
         if fresh and session.system_prompt:
-            return self.backend.tokenize(session.system_prompt, add_bos=True) + self.backend.tokenize(
-                prompt, add_bos=False
-            )
+            return self.backend.tokenize(
+                session.system_prompt, add_bos=True
+            ) + self.backend.tokenize(prompt, add_bos=False)
         tokens = self.backend.tokenize(prompt, add_bos=fresh)
         return tokens
 
@@ -234,7 +234,9 @@ class Engine:
                 victim.n_past = 0
             victim.slot = None
             victim.clear_slot = False
-            log.debug("session evicted", session_id=victim.session_id, bytes=len(victim.saved or b""))
+            log.debug(
+                "session evicted", session_id=victim.session_id, bytes=len(victim.saved or b"")
+            )
         self.backend.seq_clear(slot)
         self.slots[slot] = session
         session.slot = slot
@@ -488,5 +490,3 @@ async def main(config: Config, stop: trio.Event) -> None:
             nursery.cancel_scope.cancel()
     finally:
         backend.close()
-
-
