@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
-import sys
 import time
 import weakref
 from collections import deque
@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 import zmq
+
 from inferencecenter.protocol import wire
 from inferencecenter.protocol.errors import ProtocolError
 from inferencecenter.protocol.messages import (
@@ -30,10 +31,6 @@ from inferencecenter.protocol.messages import (
 from inferencecenter.protocol.zmqtrio import TrioSocket
 
 from . import credentials
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
-
 from .client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_ENDPOINT,
@@ -308,9 +305,14 @@ class AsyncSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.client.closed:
-            with trio.CancelScope(shield=True):
+        if self.client.closed or isinstance(exc, TimeoutError):
+            return  # nobody to tell, or nobody answering: do not wait a second timeout
+        with trio.CancelScope(shield=True):
+            if exc is None:
                 await self.close()
+                return
+            with contextlib.suppress(ProtocolError, TimeoutError, RuntimeError):
+                await self.close()  # best effort: the error on its way is the one to see
 
     def infer(
         self,

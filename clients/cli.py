@@ -213,8 +213,7 @@ def _infer(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     params = _params(args)
     with _connect(args) as client:
-        session = client.create_session(model=args.model, system_prompt=args.system)
-        try:
+        with client.create_session(model=args.model, system_prompt=args.system) as session:
             if args.chat:
                 gen = session.infer(messages=[{"role": "user", "content": prompt}], **params)
             else:
@@ -222,8 +221,6 @@ def _infer(args: argparse.Namespace) -> int:
             interrupted = _stream(gen, sys.stdout)
             if args.stats:
                 print(_format_stats(gen), file=sys.stderr)
-        finally:
-            session.close()
     return EXIT_INTERRUPTED if interrupted else 0
 
 
@@ -267,8 +264,7 @@ def _chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     with _connect(args) as client:
         # The daemon puts the system prompt at the start of an empty context, /reset included.
-        session = client.create_session(model=args.model, system_prompt=args.system)
-        try:
+        with client.create_session(model=args.model, system_prompt=args.system) as session:
             if interactive:
                 print(f"chat with {session.model} ({HELP_CHAT})", file=sys.stderr)
             start_over = False
@@ -303,8 +299,6 @@ def _chat(args: argparse.Namespace) -> int:
                     print("(the conversation fills the context: /reset to go on)", file=sys.stderr)
                 elif gen.finish_reason == "length":
                     print("(cut at --max-tokens)", file=sys.stderr)
-        finally:
-            session.close()
 
 
 def _sessions(args: argparse.Namespace) -> int:

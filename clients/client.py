@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -13,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 import zmq
+
 from inferencecenter.protocol import wire
 from inferencecenter.protocol.errors import (
     AuthFailed,
@@ -404,6 +406,7 @@ class Client:
 
     def _route(self, frames: list[bytes]) -> None:
         """File one reply under its request's id (called with _state held)."""
+        self._drop_forgotten()
         try:
             reply = wire.parse_client_frames(frames, MAX_REPLY_BYTES)
         except ProtocolError:
@@ -458,8 +461,13 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.client.closed:
+        if self.client.closed or isinstance(exc, TimeoutError):
+            return  # nobody to tell, or nobody answering: do not wait a second timeout
+        if exc is None:
             self.close()
+            return
+        with contextlib.suppress(ProtocolError, TimeoutError, RuntimeError):
+            self.close()  # best effort: the error already on its way is the one to see
 
     def infer(
         self,

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any
 
 import zmq
+
 from inferencecenter.protocol import wire
 from inferencecenter.protocol.errors import ProtocolError
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 import zmq
+
 from inferencecenter.clients import (
     AsyncClient,
     AuthFailed,

@@ -80,6 +80,8 @@ class Engine:
         self.queue: deque[Job] = deque()
         self.active: list[Job] = []  # jobs holding a slot: prefill or generating
         self.wakeup = trio.Event()
+        self.decoding = False  # a step is in the worker thread: samplers must not be freed
+        self.retired: list[Sampler] = []
         self.chat = ChatRenderer(backend.chat_template, backend.bos_text, backend.eos_text)
         self.total_tokens = 0
         self.recent_tokens: deque[tuple[float, int]] = deque()
@@ -186,9 +188,8 @@ class Engine:
             return self.backend.tokenize(text, add_bos=fresh)
         assert prompt is not None
         if fresh and session.system_prompt:
-            return self.backend.tokenize(
-                session.system_prompt, add_bos=True
-            ) + self.backend.tokenize(prompt, add_bos=False)
+            system = self.backend.tokenize(session.system_prompt, add_bos=True)
+            return system + self.backend.tokenize(prompt, add_bos=False)
         tokens = self.backend.tokenize(prompt, add_bos=fresh)
         return tokens
 
@@ -308,21 +309,38 @@ class Engine:
             plan.append((job, take, len(entries) - 1 if last else -1))
         return entries, plan
 
+    def decode_and_sample(
+        self, entries: list[BatchEntry], sample_at: list[tuple[Sampler, int]]
+    ) -> list[int]:
+        """The worker thread's part of a step: ctypes releases the GIL in both, so the actor's
+        socket tasks keep running meanwhile."""
+        self.backend.decode(entries)
+        return [sampler.sample(index) for sampler, index in sample_at]
+
     async def step(self) -> None:
         for job in [j for j in self.active if j.aborted]:
             self.finish(job, "aborted")
         entries, plan = self.build_batch()
         if not entries:
             return
+        sampled = [(job, index) for job, _, index in plan if index >= 0 and job.sampler]
+        sample_at = [(job.sampler, index) for job, index in sampled if job.sampler]
+        self.decoding = True
         try:
-            await trio.to_thread.run_sync(self.backend.decode, entries)
+            tokens = await trio.to_thread.run_sync(self.decode_and_sample, entries, sample_at)
         except DecodeError as exc:
             log.error("decode failed", code=exc.code, tokens=len(entries))
             for job, _, _ in plan:
                 self.forget_kv(job.session)
                 self.finish(job, "error", message=f"decode failed (code {exc.code})")
             return
+        finally:
+            self.decoding = False
+            for sampler in self.retired:
+                sampler.free()
+            self.retired.clear()
         now = time.monotonic()
+        token_of = {id(job): token for (job, _), token in zip(sampled, tokens, strict=True)}
         for job, added, logits_index in plan:
             job.session.n_past += added
             if job.state == "generating":
@@ -331,8 +349,7 @@ class Engine:
                 continue
             if logits_index >= 0:
                 job.state = "generating"
-                assert job.sampler is not None
-                self.accept_token(job, job.sampler.sample(logits_index), now)
+                self.accept_token(job, token_of[id(job)], now)
         for job in [j for j in self.active if j.aborted]:
             self.finish(job, "aborted")
 
@@ -376,7 +393,10 @@ class Engine:
         if job in self.queue:
             self.queue.remove(job)
         if job.sampler is not None:
-            job.sampler.free()
+            if self.decoding:  # the worker thread may be sampling with it right now
+                self.retired.append(job.sampler)
+            else:
+                job.sampler.free()
             job.sampler = None
         if session.job is job:
             session.job = None
@@ -457,6 +477,7 @@ def load_backend(config: Config) -> LlamaBackend:
 async def main(config: Config, stop: trio.Event) -> None:
     started = time.monotonic()
     backend = await trio.to_thread.run_sync(load_backend, config)
+    await trio.to_thread.run_sync(backend.eog_tokens)  # a vocabulary scan, once, not mid-request
     log.info(
         "model loaded",
         model=backend.model_name,
