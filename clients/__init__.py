@@ -15,7 +15,7 @@ from inferencecenter.protocol.errors import (
 )
 
 from .async_client import AsyncClient, AsyncGeneration, AsyncSession
-from .client import Client, Generation, Session
+from .client import Client, EndpointError, Generation, Session
 from .credentials import Credentials, CredentialsError
 from .metrics import MetricsSubscriber
 
@@ -29,6 +29,7 @@ __all__ = [
     "Client",
     "Credentials",
     "CredentialsError",
+    "EndpointError",
     "Forbidden",
     "Generation",
     "InternalError",

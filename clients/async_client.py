@@ -40,6 +40,7 @@ from .client import (
     TokenStream,
     auth_request,
     check_auth,
+    connect,
     expect,
     infer_request,
     lost_auth,
@@ -102,7 +103,7 @@ class AsyncClient:
             raise RuntimeError("an AsyncClient can be entered only once")
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.endpoint)
+        connect(sock, self.endpoint)
         self._socket = TrioSocket(sock)
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
@@ -153,11 +154,6 @@ class AsyncClient:
             self._socket.close()
             for route in self._routes.values():
                 route.send.close()  # a reader still waiting learns the client is gone
-
-    async def aclose(self) -> None:
-        """Leave early, for code that did not use `async with` to scope the client."""
-        if not self._closed and self._nursery is not None:
-            await self._shutdown()
 
     @property
     def closed(self) -> bool:
@@ -399,7 +395,8 @@ class AsyncGeneration(AsyncIterator[str]):
         return self.text
 
     async def abort(self) -> None:
-        """Ask the daemon to stop; keep iterating (or `await wait()`) to reach the end."""
+        """Ask the daemon to stop; keep iterating (or `await wait()`) to reach the "aborted"
+        end, after which the session takes its next infer (before it: `busy`)."""
         if not self._stream.done:
             await self.session.abort()
 

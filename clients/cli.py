@@ -16,7 +16,7 @@ from inferencecenter.protocol import clientsfile
 from inferencecenter.protocol.errors import ProtocolError
 from inferencecenter.protocol.messages import MAX_NAME_BYTES, parse_params
 
-from .client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, Client, Generation
+from .client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, Client, EndpointError, Generation
 from .credentials import ENV_API_KEY, ENV_CLIENT_ID, ENV_CLIENTS, CredentialsError
 from .metrics import DEFAULT_METRICS_ENDPOINT, MetricsSubscriber
 
@@ -186,7 +186,7 @@ def _guarded(command: Command) -> Command:
             return command(args)
         except ProtocolError as exc:
             _fail(f"{exc.code}: {exc.message}")
-        except (CredentialsError, clientsfile.ClientsFileError, TimeoutError) as exc:
+        except (CredentialsError, clientsfile.ClientsFileError, EndpointError, TimeoutError) as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
             print(file=sys.stderr)

@@ -34,7 +34,6 @@ from inferencecenter.protocol.messages import (
     SESSION_LIST,
     STATS,
     TOKEN,
-    parse_params,
     parse_request,
 )
 
@@ -83,7 +82,11 @@ def infer_request(
     reset: bool,
     params: Mapping[str, Any],
 ) -> Body:
-    """Build an `infer` body and check it as the daemon will (BadRequest before sending)."""
+    """Build an `infer` body and check it as the daemon will (BadRequest before sending).
+
+    parse_request runs the same checks as the daemon, parse_params for `params` included, so a
+    bad request fails here with the daemon's own message instead of after a round trip.
+    """
     body: Body = {"op": "infer", "session_id": session_id}
     if prompt is not None:
         body["prompt"] = prompt
@@ -95,7 +98,6 @@ def infer_request(
         # Only the keys the caller chose go on the wire, so the daemon's defaults apply to the
         # rest (a missing seed means a random one, not a fixed default).
         body["params"] = dict(params)
-    parse_params(body.get("params"))
     parse_request(body)
     return body
 
@@ -108,6 +110,22 @@ def lost_auth(reply: Body) -> bool:
 def reply_fields(reply: Body) -> Body:
     """A reply without its envelope (`op`, `id`), as the caller wants it."""
     return {key: value for key, value in reply.items() if key not in ("op", "id")}
+
+
+class EndpointError(ValueError):
+    """The endpoint is not one ZeroMQ can connect to (the message shows the expected form)."""
+
+
+def connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Connect, or close the socket and raise EndpointError for a malformed endpoint."""
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        reason = "unsupported transport" if exc.errno == zmq.EPROTONOSUPPORT else "malformed"
+        raise EndpointError(
+            f"cannot connect to {endpoint!r} ({reason}): an endpoint looks like tcp://HOST:PORT"
+        ) from None
 
 
 def no_reply(endpoint: str, timeout: float, waiting_for: str) -> TimeoutError:
@@ -203,7 +221,7 @@ class Client:
         self._closed = False
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        connect(self._sock, endpoint)
         try:
             wait = (
                 min(timeout, DEFAULT_CONNECT_TIMEOUT)
@@ -542,7 +560,11 @@ class Generation(Iterator[str]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+        elif not isinstance(exc, TimeoutError):
+            with contextlib.suppress(ProtocolError, TimeoutError, RuntimeError):
+                self.close()  # best effort: the error already on its way is the one to see
 
     @property
     def text(self) -> str:
@@ -570,7 +592,9 @@ class Generation(Iterator[str]):
     def abort(self) -> None:
         """Ask the daemon to stop; keep iterating (or `wait()`) to reach the "aborted" end.
 
-        It does not read the stream itself, so another thread may be consuming it meanwhile.
+        The session takes its next infer only after that end (before it: `busy`). This does not
+        read the stream itself, so another thread may be consuming it meanwhile; `close()`
+        aborts and drains.
         """
         if not self._stream.done:
             self.session.abort()

@@ -12,6 +12,8 @@ import zmq
 from inferencecenter.protocol import wire
 from inferencecenter.protocol.errors import ProtocolError
 
+from .client import connect
+
 DEFAULT_METRICS_ENDPOINT = "tcp://127.0.0.1:5556"
 # The daemon publishes once a second; several missed beats mean it is not there.
 DEFAULT_TIMEOUT = 10.0
@@ -42,7 +44,7 @@ class MetricsSubscriber(Iterator[tuple[str, dict[str, Any]]]):
         self._sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         for topic in self.topics:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
-        self._sock.connect(endpoint)
+        connect(self._sock, endpoint)
 
     def __repr__(self) -> str:
         return f"MetricsSubscriber(endpoint={self.endpoint!r}, topics={self.topics!r})"

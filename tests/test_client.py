@@ -122,6 +122,38 @@ def test_no_daemon_is_a_clear_timeout_not_a_hang() -> None:
     assert time.monotonic() - started < 5
 
 
+def test_client_authenticates_again_when_the_daemon_dropped_the_connection(
+    daemon: Daemon, creds: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Client(daemon.endpoint, *creds, timeout=2) as client:
+        authentications = 0
+        authenticate = client._authenticate
+
+        def counted(timeout: float | None = None) -> None:
+            nonlocal authentications
+            authentications += 1
+            authenticate(timeout)
+
+        monkeypatch.setattr(client, "_authenticate", counted)
+        # A frame over the transport's hard cap (the fixture's daemon has the default limit):
+        # the daemon drops this connection, ZeroMQ reconnects, and the daemon sees a new
+        # connection that has not authenticated.
+        padding = "x" * wire.hard_cap(wire.DEFAULT_MAX_MESSAGE_BYTES)
+        client._send({"op": "ping", "padding": padding})
+
+        def pong() -> bool:
+            try:
+                client.ping()
+                return True
+            except TimeoutError:
+                return False
+
+        wait_until(pong, "the connection to come back")
+        with client.create_session() as session:
+            assert session.infer("Hi", max_tokens=2).wait() is not None
+        assert authentications == 1
+
+
 # ---- sessions and generations ------------------------------------------------------------
 
 
