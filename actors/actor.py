@@ -59,33 +59,34 @@ class ActorServer:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind(internal.endpoint(config.runtime_dir, name))
-        self.socket = TrioSocket(sock)
+        self.socket = TrioSocket(sock, on_receive=self.on_receive)
+        self.nursery: trio.Nursery | None = None
 
     def send(self, peer: bytes, body: Body) -> None:
         self.socket.send([peer, internal.pack(body)])
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             nursery.start_soon(self.socket.run)
-            async for frames in self.socket:
-                if len(frames) != 2:
-                    continue
-                peer, data = frames
-                try:
-                    body = internal.unpack(data)
-                except Exception:
-                    log.error("undecodable internal message", actor=self.name)
-                    continue
-                caller = Caller(self, peer, int(body.get("ref", 0)))
-                handler = self.handlers.get(str(body.get("op")))
-                if handler is None:
-                    caller.error(InternalError(f"{self.name} has no op {body.get('op')!r}"))
-                    continue
-                self._dispatch(nursery, handler, body, caller)
 
-    def _dispatch(
-        self, nursery: trio.Nursery, handler: Handler, body: Body, caller: Caller
-    ) -> None:
+    def on_receive(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        peer, data = frames
+        try:
+            body = internal.unpack(data)
+        except Exception:
+            log.error("undecodable internal message", actor=self.name)
+            return
+        caller = Caller(self, peer, int(body.get("ref", 0)))
+        handler = self.handlers.get(str(body.get("op")))
+        if handler is None:
+            caller.error(InternalError(f"{self.name} has no op {body.get('op')!r}"))
+            return
+        self._dispatch(handler, body, caller)
+
+    def _dispatch(self, handler: Handler, body: Body, caller: Caller) -> None:
         try:
             result = handler(body, caller)
         except ProtocolError as exc:
@@ -96,7 +97,8 @@ class ActorServer:
             caller.error(InternalError(f"{self.name} failed on {body.get('op')}"))
             return
         if inspect.isawaitable(result):
-            nursery.start_soon(self._finish, result, body, caller)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._finish, result, body, caller)
 
     async def _finish(self, awaitable: Awaitable[None], body: Body, caller: Caller) -> None:
         try:
@@ -124,25 +126,25 @@ class ActorLink:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(internal.endpoint(config.runtime_dir, name))
-        self.socket = TrioSocket(sock)
+        self.socket = TrioSocket(sock, on_receive=self.on_receive)
         self._refs = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.socket.run)
-            async for frames in self.socket:
-                try:
-                    body = internal.unpack(frames[-1])
-                except Exception:
-                    continue
-                pending = self._pending.get(int(body.get("ref", 0)))
-                if pending is None:
-                    continue
-                if pending.on_message is not None:
-                    pending.on_message(body)
-                elif pending.reply is not None:
-                    pending.reply.send_nowait(body)
+        await self.socket.run()
+
+    def on_receive(self, frames: list[bytes]) -> None:
+        try:
+            body = internal.unpack(frames[-1])
+        except Exception:
+            return
+        pending = self._pending.get(int(body.get("ref", 0)))
+        if pending is None:
+            return
+        if pending.on_message is not None:
+            pending.on_message(body)
+        elif pending.reply is not None:
+            pending.reply.send_nowait(body)
 
     def push(self, op: str, **fields: Any) -> None:
         """Fire and forget (no reply expected)."""

@@ -64,6 +64,8 @@ class Gateway:
     def __init__(self, config: Config, frontend: TrioSocket) -> None:
         self.config = config
         self.frontend = frontend
+        frontend.on_receive = self.on_frontend
+        self.nursery: trio.Nursery | None = None
         self.auth = ActorLink(internal.AUTH, config)
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.engine = ActorLink(internal.ENGINE, config)
@@ -101,33 +103,38 @@ class Gateway:
             [peer, wire.TAG, wire.pack(error_body(exc.code, exc.message, request_id))]
         )
 
-    async def run(self, nursery: trio.Nursery) -> None:
-        for link in (self.auth, self.sessions, self.engine):
-            nursery.start_soon(link.run)
-        limit = self.config.max_message_bytes
-        async for frames in self.frontend:
-            peer, parts = frames[0], frames[1:]
-            try:
-                body = wire.parse_client_frames(parts, limit)
-            except ProtocolError as exc:
-                self.reply_error(peer, None, exc)
-                continue
-            request_id = messages.request_id(body)
-            try:
-                request = messages.parse_request(body)
-                if request.op not in messages.OPS_BEFORE_AUTH and peer not in self.clients:
-                    raise Unauthenticated(f"{request.op} needs a successful auth first")
-            except ProtocolError as exc:
-                self.reply_error(peer, request_id, exc)
-                continue
-            self.enqueue(nursery, peer, request)
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            for link in (self.auth, self.sessions, self.engine):
+                nursery.start_soon(link.run)
+            nursery.start_soon(self.frontend.run)
 
-    def enqueue(self, nursery: trio.Nursery, peer: bytes, request: Request) -> None:
+    def on_frontend(self, frames: list[bytes]) -> None:
+        """Check one client message (frames, size, body, auth) and queue it for its connection."""
+        peer, parts = frames[0], frames[1:]
+        try:
+            body = wire.parse_client_frames(parts, self.config.max_message_bytes)
+        except ProtocolError as exc:
+            self.reply_error(peer, None, exc)
+            return
+        request_id = messages.request_id(body)
+        try:
+            request = messages.parse_request(body)
+            if request.op not in messages.OPS_BEFORE_AUTH and peer not in self.clients:
+                raise Unauthenticated(f"{request.op} needs a successful auth first")
+        except ProtocolError as exc:
+            self.reply_error(peer, request_id, exc)
+            return
+        self.enqueue(peer, request)
+
+    def enqueue(self, peer: bytes, request: Request) -> None:
         queue = self.queues.get(peer)
         if queue is None:
+            assert self.nursery is not None
             send, receive = trio.open_memory_channel[Request](CONNECTION_QUEUE)
             self.queues[peer] = queue = send
-            nursery.start_soon(self.serve_connection, peer, receive)
+            self.nursery.start_soon(self.serve_connection, peer, receive)
         try:
             queue.send_nowait(request)
         except trio.WouldBlock:
@@ -332,8 +339,7 @@ async def main(config: Config, stop: trio.Event) -> None:
     frontend = open_frontend(config)
     gateway = Gateway(config, frontend)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(frontend.run)
-        nursery.start_soon(gateway.run, nursery)
+        nursery.start_soon(gateway.run)
         report_to_supervisor(config, {"op": "ready", "actor": internal.GATEWAY})
         log.info("serving", endpoint=f"tcp://{config.bind}:{config.port}")
         await stop.wait()
