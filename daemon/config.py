@@ -30,6 +30,8 @@ class Config:
     threads: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_queue: int = 64
+    session_cache_mb: int = 1024
+    prefill_chunk: int = 128
     log_format: str = "text"
     log_level: str = "info"
     runtime_dir: str = ""
@@ -69,6 +71,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument("--max-queue", type=int, default=64, help="infers waiting for a slot")
+    parser.add_argument(
+        "--session-cache-mb", type=int, default=1024, help="host memory for evicted sessions' KV"
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=128,
+        help="prompt tokens per step while others generate",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -115,6 +126,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         raise ConfigError("--max-message-bytes must be in 1024..67108864")
     if args.max_queue < 0:
         raise ConfigError("--max-queue must be >= 0")
+    if args.session_cache_mb < 0:
+        raise ConfigError("--session-cache-mb must be >= 0")
+    if args.prefill_chunk < 1:
+        raise ConfigError("--prefill-chunk must be >= 1")
     created = False
     if args.clients:
         clients_path = Path(args.clients)
@@ -142,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         threads=args.threads or (os.cpu_count() or 1),
         max_message_bytes=args.max_message_bytes,
         max_queue=args.max_queue,
+        session_cache_mb=args.session_cache_mb,
+        prefill_chunk=args.prefill_chunk,
         log_format=args.log_format,
         log_level=args.log_level,
     )

@@ -187,6 +187,7 @@ class RawClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.backlog: list[dict[str, Any]] = []  # replies read while waiting for another id
+        self.next_id = 0
 
     def send(self, body: dict[str, Any]) -> None:
         self.sock.send_multipart(wire.client_frames(body))
@@ -202,8 +203,18 @@ class RawClient:
         return wire.unpack(frames[1], 1 << 30)
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and return its reply; replies to other requests wait in the backlog.
+        A request without `id` gets one, so streams running meanwhile cannot be mistaken for it."""
+        if "id" not in body:
+            self.next_id += 1
+            body = {**body, "id": f"req-{self.next_id}"}
+        request_id = body["id"]
         self.send(body)
-        return self.recv()
+        if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+            return self.recv()
+        if isinstance(request_id, str) and len(request_id.encode()) > 64:
+            return self.recv()
+        return self.recv_for(request_id)
 
     def auth(self, client_id: str, api_key: str) -> dict[str, Any]:
         reply = self.request({"op": "auth", "client_id": client_id, "api_key": api_key})

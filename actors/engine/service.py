@@ -9,7 +9,8 @@ goes to host memory when another needs its slot and comes back when it is used a
 from __future__ import annotations
 
 import time
-from collections import deque
+from array import array
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +24,17 @@ from ...protocol.messages import SamplingParams
 from ..actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
 from .backend import BatchEntry, DecodeError, LlamaBackend, Sampler
 from .chat import ChatRenderer
+from .scheduling import WaitQueue, prefill_order
 from .text import TextStream
 
 log = EventLog("engine")
 
 STATS_PERIOD_S = 1.0
+PREFIX_CACHE_ENTRIES = 8  # evaluated system prompts kept as sequence state
+
+
+def _tokens() -> array[int]:
+    return array("i")
 
 
 @dataclass
@@ -37,7 +44,7 @@ class Session:
 
     session_id: str
     system_prompt: str | None
-    tokens: list[int] = field(default_factory=list)
+    tokens: array[int] = field(default_factory=_tokens)  # 4 bytes a token: hundreds of sessions
     n_past: int = 0  # tokens of `tokens` whose KV exists (in the slot or in `saved`)
     slot: int | None = None
     saved: bytes | None = None
@@ -56,6 +63,9 @@ class Job:
     params: SamplingParams
     client_id: str
     new_turns: list[dict[str, str]] | None
+    priority: str = "normal"
+    prefix: tuple[int, ...] | None = None  # a system prompt's tokens, whose KV can be shared
+    prefix_end: int = 0  # when > 0: snapshot the slot once n_past reaches it
     state: str = "queued"  # queued -> prefill -> generating
     sampler: Sampler | None = None
     text: TextStream = field(default_factory=TextStream)
@@ -77,7 +87,12 @@ class Engine:
         self.n_ctx = backend.n_ctx_seq
         self.sessions: dict[str, Session] = {}
         self.slots: list[Session | None] = [None] * backend.n_seq_max
-        self.queue: deque[Job] = deque()
+        self.queue: WaitQueue[Job] = WaitQueue(config.max_queue)
+        self.prefill_chunk = config.prefill_chunk
+        self.cache_limit = config.session_cache_mb * 2**20
+        self.saved_bytes = 0  # sequence states of evicted sessions, in host memory
+        self.prefix_cache: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+        self.chat_prefixes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.active: list[Job] = []  # jobs holding a slot: prefill or generating
         self.wakeup = trio.Event()
         self.decoding = False  # a step is in the worker thread: samplers must not be freed
@@ -111,6 +126,7 @@ class Engine:
             if session.slot is not None:
                 self.slots[session.slot] = None  # cleared by the loop when next bound
                 session.slot = None
+            self.drop_saved(session)
         caller.reply()
 
     def abort(self, body: Body, caller: Caller) -> None:
@@ -146,64 +162,125 @@ class Engine:
             raise Busy("this session is still generating; abort it or wait for its end")
         params = SamplingParams.from_wire(body["params"])
         job = Job(caller, session, params, str(body.get("client_id", "")), body.get("messages"))
-        if body.get("reset"):
-            self.reset(session)
-        new_tokens = self.input_tokens(session, body.get("prompt"), job.new_turns)
-        if len(session.tokens) + len(new_tokens) >= self.n_ctx:
+        job.priority = str(body.get("priority", "normal"))
+        reset = bool(body.get("reset"))
+        fresh = reset or not session.tokens
+        new_tokens, prefix = self.input_tokens(session, fresh, body.get("prompt"), job.new_turns)
+        held = 0 if reset else len(session.tokens)
+        if held + len(new_tokens) >= self.n_ctx:
             # The prompt does not fit: nothing is evaluated, the session is unchanged.
-            job.cached_tokens = session.n_past
+            job.cached_tokens = 0 if reset else session.n_past
             self.send_end(job, "context")
             return
-        if self.free_slot_for(session) is None and len(self.queue) >= self.config.max_queue:
+        if self.free_slot_for(session) is None and self.queue.full():
             raise Overloaded("the daemon's queue is full; retry later")
+        if reset:
+            self.reset(session)
         session.tokens.extend(new_tokens)
         if session.n_past >= len(session.tokens):
             # Nothing new to evaluate, but sampling needs the last position's logits again.
             self.forget_kv(session)
+        job.prefix = prefix if session.n_past == 0 else None
         job.cached_tokens = session.n_past
         job.prompt_tokens = len(session.tokens) - session.n_past
         job.text = TextStream(params.stop)
         session.job = job
         session.last_used = time.monotonic()
-        self.queue.append(job)
+        self.queue.push(job, job.priority, job.t_arrival)
         self.kick()
 
     # ---- sessions and slots -------------------------------------------------------------
 
     def input_tokens(
-        self, session: Session, prompt: str | None, turns: list[dict[str, str]] | None
-    ) -> list[int]:
-        fresh = not session.tokens
+        self,
+        session: Session,
+        fresh: bool,
+        prompt: str | None,
+        turns: list[dict[str, str]] | None,
+    ) -> tuple[list[int], tuple[int, ...] | None]:
+        """Tokens to append, and the system prompt's tokens they start with (shareable KV)."""
+        system = session.system_prompt if fresh else None
         if turns is not None:
             new = list(turns)
-            if fresh and session.system_prompt:
-                new.insert(0, {"role": "system", "content": session.system_prompt})
-            try:
-                text = self.chat.render(session.chat if not fresh else [], new)
-            except ValueError as exc:
-                raise BadRequest(f"messages could not be rendered: {exc}") from None
-            bos = self.backend.bos_text
-            if bos and text.startswith(bos):
-                text = text[len(bos) :]
-            return self.backend.tokenize(text, add_bos=fresh)
-        assert prompt is not None
-        if fresh and session.system_prompt:
-            system = self.backend.tokenize(session.system_prompt, add_bos=True)
-            return system + self.backend.tokenize(prompt, add_bos=False)
-        tokens = self.backend.tokenize(prompt, add_bos=fresh)
-        return tokens
+            if system:
+                new.insert(0, {"role": "system", "content": system})
+            tokens = self.backend.tokenize(
+                self.render(session.chat if not fresh else [], new), add_bos=fresh
+            )
+            prefix = self.chat_prefix(system) if system else None
+        elif system:
+            prefix = tuple(self.backend.tokenize(system, add_bos=True))
+            tokens = [*prefix, *self.backend.tokenize(prompt or "", add_bos=False)]
+        else:
+            return self.backend.tokenize(prompt or "", add_bos=fresh), None
+        if prefix and tuple(tokens[: len(prefix)]) != prefix:
+            prefix = None
+        return tokens, prefix
+
+    def render(self, history: list[dict[str, str]], new: list[dict[str, str]]) -> str:
+        try:
+            text = self.chat.render(history, new)
+        except ValueError as exc:
+            raise BadRequest(f"messages could not be rendered: {exc}") from None
+        bos = self.backend.bos_text
+        return text[len(bos) :] if bos and text.startswith(bos) else text
+
+    def chat_prefix(self, system: str) -> tuple[int, ...]:
+        """The tokens a chat with this system prompt always starts with: the common start of two
+        renders that differ only in the user's words."""
+        cached = self.chat_prefixes.get(system)
+        if cached is None:
+            a, b = (
+                self.backend.tokenize(
+                    self.render(
+                        [],
+                        [{"role": "system", "content": system}, {"role": "user", "content": word}],
+                    ),
+                    add_bos=True,
+                )
+                for word in ("A", "Z")
+            )
+            common = next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)),
+            )
+            cached = tuple(a[:common])
+            self.chat_prefixes[system] = cached
+            if len(self.chat_prefixes) > 64:
+                self.chat_prefixes.popitem(last=False)
+        return cached
 
     def reset(self, session: Session) -> None:
         self.forget_kv(session)
-        session.tokens = []
+        session.tokens = _tokens()
         session.chat = []
 
     def forget_kv(self, session: Session) -> None:
         """Drop the session's KV; only bookkeeping here, since a decode may be running: the loop
         clears the slot itself before the session next uses it."""
         session.clear_slot = session.slot is not None
-        session.saved = None
+        self.drop_saved(session)
         session.n_past = 0
+
+    def drop_saved(self, session: Session) -> None:
+        if session.saved is not None:
+            self.saved_bytes -= len(session.saved)
+            session.saved = None
+
+    def store_saved(self, session: Session, state: bytes) -> None:
+        """Keep an evicted session's state within --session-cache-mb: beyond it, the least
+        recently used states are dropped and those sessions are rebuilt from their token
+        history when next used."""
+        session.saved = state
+        self.saved_bytes += len(state)
+        while self.saved_bytes > self.cache_limit:
+            held = [s for s in self.sessions.values() if s.saved is not None]
+            if not held:
+                break
+            oldest = min(held, key=lambda s: s.last_used)
+            self.drop_saved(oldest)
+            oldest.n_past = 0
+            log.debug("session state dropped", session_id=oldest.session_id)
 
     def free_slot_for(self, session: Session) -> int | None:
         """The slot this session can use now: its own, a free one, or an idle one to evict."""
@@ -228,9 +305,9 @@ class Engine:
             return
         victim = self.slots[slot]
         if victim is not None:
-            victim.saved = None
+            self.drop_saved(victim)
             if victim.n_past and not victim.clear_slot:
-                victim.saved = self.backend.seq_save(slot)
+                self.store_saved(victim, self.backend.seq_save(slot))
             else:
                 victim.n_past = 0
             victim.slot = None
@@ -248,21 +325,51 @@ class Engine:
                 log.warning("session restore failed, re-evaluating", session_id=session.session_id)
                 self.backend.seq_clear(slot)
                 session.n_past = 0
-            session.saved = None
+            self.drop_saved(session)
 
     def admit(self) -> None:
-        """Move queued jobs into slots while there are slots to give (the loop calls this)."""
-        while self.queue:
-            job = self.queue[0]
+        """Move waiting jobs into slots, best effective priority first (the loop calls this)."""
+        while len(self.queue):
+            now = time.monotonic()
+            job = self.queue.peek(now)
+            assert job is not None
             slot = self.free_slot_for(job.session)
             if slot is None:
                 return
-            self.queue.popleft()
+            self.queue.pop(now)
             self.bind_slot(job.session, slot)
-            history = job.session.tokens
-            job.sampler = self.backend.new_sampler(job.params, history)
+            self.use_prefix(job, slot)
+            job.sampler = self.backend.new_sampler(job.params, job.session.tokens)
             job.state = "prefill"
             self.active.append(job)
+
+    def use_prefix(self, job: Job, slot: int) -> None:
+        """A system prompt evaluated before is restored instead of evaluated again; a new one is
+        snapshotted once its last token is in the KV."""
+        prefix = job.prefix
+        if prefix is None or job.session.n_past != 0:
+            return
+        state = self.prefix_cache.get(prefix)
+        if state is None:
+            job.prefix_end = len(prefix)
+            return
+        self.prefix_cache.move_to_end(prefix)
+        try:
+            self.backend.seq_restore(slot, state)
+        except RuntimeError:
+            self.backend.seq_clear(slot)
+            return
+        job.session.n_past = len(prefix)
+        job.cached_tokens = len(prefix)
+        job.prompt_tokens -= len(prefix)
+
+    def snapshot_prefix(self, job: Job) -> None:
+        assert job.prefix is not None and job.session.slot is not None
+        self.prefix_cache[job.prefix] = self.backend.seq_save(job.session.slot)
+        self.prefix_cache.move_to_end(job.prefix)
+        while len(self.prefix_cache) > PREFIX_CACHE_ENTRIES:
+            self.prefix_cache.popitem(last=False)
+        job.prefix_end = 0
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -290,16 +397,19 @@ class Engine:
                 assert session.slot is not None
                 entries.append(BatchEntry(job.next_token, session.n_past, session.slot, True))
                 plan.append((job, 1, len(entries) - 1))
-        for job in self.active:
-            if job.state != "prefill":
-                continue
+        if entries:  # streams are generating: keep this step short (chunked prefill)
+            budget = min(budget, len(entries) + self.prefill_chunk)
+        now = time.monotonic()
+        waiting = [(j, j.priority, j.t_arrival) for j in self.active if j.state == "prefill"]
+        for job in prefill_order(waiting, now):
             room = budget - len(entries)
             if room <= 0:
                 break
             session = job.session
             assert session.slot is not None
             start = session.n_past
-            take = min(room, len(session.tokens) - start)
+            end = job.prefix_end if job.prefix_end > start else len(session.tokens)
+            take = min(room, end - start)
             last = start + take == len(session.tokens)
             slot = session.slot
             for pos in range(start, start + take):
@@ -343,6 +453,8 @@ class Engine:
         token_of = {id(job): token for (job, _), token in zip(sampled, tokens, strict=True)}
         for job, added, logits_index in plan:
             job.session.n_past += added
+            if job.prefix_end and job.session.n_past == job.prefix_end:
+                self.snapshot_prefix(job)
             if job.state == "generating":
                 job.next_token = None
             if job.aborted or job.session.job is not job:
@@ -390,8 +502,7 @@ class Engine:
                 self.send_token(job, rest)
         if job in self.active:
             self.active.remove(job)
-        if job in self.queue:
-            self.queue.remove(job)
+        self.queue.remove(job)
         if job.sampler is not None:
             if self.decoding:  # the worker thread may be sampling with it right now
                 self.retired.append(job.sampler)
@@ -439,7 +550,7 @@ class Engine:
         )
 
     def abort_all(self) -> None:
-        for job in list(self.active) + list(self.queue):
+        for job in list(self.active) + self.queue.items():
             self.finish(job, "aborted")
 
     def inference_snapshot(self) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""Scheduling against the real daemon: priorities, the queue bound, the session cache, shared
+system prompts, hundreds of sessions. Each test runs a daemon of its own with small limits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .conftest import Daemon, RawClient, start_daemon, stop_daemon
+from .test_daemon import new_session, run_infer
+
+LONG = {"max_tokens": 2000, "ignore_eos": True}
+
+
+def client_for(daemon: Daemon, client_id: str, key: str) -> RawClient:
+    client = RawClient(daemon.endpoint)
+    client.auth(client_id, key)
+    return client
+
+
+def engine_process(daemon: Daemon) -> psutil.Process:
+    for child in psutil.Process(daemon.process.pid).children():
+        if "inferencecenter-engine" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("no engine process")
+
+
+def test_high_priority_gets_the_free_slot_first(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, "--parallel", "1")
+    try:
+        alice = client_for(daemon, "alice", daemon.api_key)  # high
+        carol = client_for(daemon, "carol", daemon.extra["carol_key"])  # low
+        blocker = new_session(alice)
+        alice.send(
+            {"op": "infer", "id": "blocker", "session_id": blocker, "prompt": "Go", "params": LONG}
+        )
+        assert alice.recv_for("blocker")["op"] == "token"
+        low = new_session(carol)
+        carol.send(
+            {
+                "op": "infer",
+                "id": "low",
+                "session_id": low,
+                "prompt": "Low one",
+                "params": {"max_tokens": 8, "ignore_eos": True},
+            }
+        )
+        high = new_session(alice)
+        alice.send(
+            {
+                "op": "infer",
+                "id": "high",
+                "session_id": high,
+                "prompt": "High one",
+                "params": {"max_tokens": 8, "ignore_eos": True},
+            }
+        )
+        states = {
+            s["session_id"]: s["state"] for s in carol.request({"op": "list_sessions"})["sessions"]
+        }
+        assert states[low] == "queued"
+        alice.request({"op": "abort", "session_id": blocker})
+        _, high_end = alice.stream("high")
+        # The slot went to the high-priority request although the low one came first: the low
+        # one had not produced a token when the high one ended.
+        assert not any(r.get("id") == "low" for r in carol.backlog)
+        assert not carol.sock.poll(0) or carol.recv()["op"] != "end"
+        _, low_end = carol.stream("low")
+        assert high_end["finish_reason"] == low_end["finish_reason"] == "length"
+        assert low_end["stats"]["ttft_ms"] > high_end["stats"]["total_ms"] - 50
+    finally:
+        assert stop_daemon(daemon.process) == 0
+
+
+def test_full_queue_is_overloaded(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, "--parallel", "1", "--max-queue", "1")
+    try:
+        client = client_for(daemon, "bob", daemon.other_api_key)
+        running, waiting, refused = (new_session(client) for _ in range(3))
+        client.send({"op": "infer", "id": 1, "session_id": running, "prompt": "a", "params": LONG})
+        assert client.recv_for(1)["op"] == "token"
+        client.send({"op": "infer", "id": 2, "session_id": waiting, "prompt": "b", "params": LONG})
+        reply = client.request({"op": "infer", "id": 3, "session_id": refused, "prompt": "c"})
+        assert (reply["op"], reply["code"]) == ("error", "overloaded")
+        for session_id in (running, waiting):
+            client.request({"op": "abort", "session_id": session_id})
+        assert client.stream(1)[1]["finish_reason"] == "aborted"
+        assert client.stream(2)[1]["finish_reason"] == "aborted"
+        _, end = run_infer(client, refused, prompt="now it fits", params={"max_tokens": 4})
+        assert end["finish_reason"] in ("length", "stop")
+    finally:
+        assert stop_daemon(daemon.process) == 0
+
+
+def test_dropped_session_state_is_rebuilt_from_history(tmp_path: Path) -> None:
+    # No host memory for evicted states: an evicted session is rebuilt from its tokens.
+    daemon = start_daemon(tmp_path, "--parallel", "1", "--session-cache-mb", "0")
+    try:
+        client = client_for(daemon, "bob", daemon.other_api_key)
+        params = {"temp": 0, "max_tokens": 12, "ignore_eos": True}
+        first, other = new_session(client), new_session(client)
+        _, end1 = run_infer(client, first, prompt="The tallest mountain is", params=params)
+        run_infer(client, other, prompt="Something else entirely", params=params)
+        _, end2 = run_infer(client, first, prompt=" and the deepest sea is", params=params)
+        held = end1["stats"]["prompt_tokens"] + end1["stats"]["tokens"]
+        assert end2["stats"]["cached_tokens"] == 0
+        assert end2["stats"]["prompt_tokens"] > held
+        assert end2["finish_reason"] == "length"
+        listed = client.request({"op": "list_sessions"})["sessions"]
+        tokens = {s["session_id"]: s["tokens"] for s in listed}
+        assert tokens[first] == end2["stats"]["prompt_tokens"] + end2["stats"]["tokens"]
+    finally:
+        assert stop_daemon(daemon.process) == 0
+
+
+def test_sessions_with_the_same_system_prompt_share_its_kv(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, "--parallel", "2")
+    try:
+        client = client_for(daemon, "bob", daemon.other_api_key)
+        system = "You are a helpful assistant who knows geography. " * 20
+        first = new_session(client, system_prompt=system)
+        _, end1 = run_infer(
+            client, first, prompt="Q: capital of Peru? A:", params={"max_tokens": 4}
+        )
+        second = new_session(client, system_prompt=system)
+        _, end2 = run_infer(
+            client, second, prompt="Q: capital of Chile? A:", params={"max_tokens": 4}
+        )
+        assert end1["stats"]["cached_tokens"] == 0
+        shared = end2["stats"]["cached_tokens"]
+        assert shared >= 150 and end2["stats"]["prompt_tokens"] < 20
+        assert shared + end2["stats"]["prompt_tokens"] >= end1["stats"]["prompt_tokens"]
+        # Chat turns share it too.
+        chats = [new_session(client, system_prompt=system) for _ in range(2)]
+        ends = [
+            run_infer(
+                client, s, messages=[{"role": "user", "content": q}], params={"max_tokens": 4}
+            )[1]
+            for s, q in zip(chats, ["Hi", "Hello"], strict=True)
+        ]
+        assert ends[1]["stats"]["cached_tokens"] >= 150
+    finally:
+        assert stop_daemon(daemon.process) == 0
+
+
+def test_two_hundred_sessions_with_bounded_memory(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, "--parallel", "4", "--session-cache-mb", "16")
+    clients = daemon.clients_path
+    data = json.loads(clients.read_text())
+    data["clients"].append(
+        {"client_id": "many", "api_key": "many-key-0123456789", "max_sessions": 256}
+    )
+    clients.write_text(json.dumps(data))
+    try:
+        client = client_for(daemon, "many", "many-key-0123456789")
+        engine = engine_process(daemon)
+        baseline = engine.memory_info().rss
+        sessions: list[str] = []
+        ends: list[dict[str, Any]] = []
+        for index in range(200):
+            sessions.append(new_session(client))
+            prompt = f"Session {index} remembers the number {index * 7}."
+            ends.append(run_infer(client, sessions[-1], prompt=prompt, params={"max_tokens": 8})[1])
+        grown = engine.memory_info().rss - baseline
+        assert all(end["finish_reason"] in ("length", "stop") for end in ends)
+        assert len(client.request({"op": "list_sessions"})["sessions"]) == 200
+        # 200 evicted states would take ~100 MB; the cache holds 16 MB of them.
+        assert grown < 64 * 2**20, grown
+        _, end = run_infer(client, sessions[0], prompt=" again", params={"max_tokens": 4})
+        assert end["stats"]["cached_tokens"] == 0  # its state was dropped: rebuilt from history
+        _, end = run_infer(client, sessions[-1], prompt=" again", params={"max_tokens": 4})
+        assert end["stats"]["cached_tokens"] > 0  # still in a slot
+    finally:
+        assert stop_daemon(daemon.process) == 0
