@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ..daemon.config import Config
 from ..daemon.logs import EventLog, setup_logging
@@ -117,9 +118,11 @@ class _Pending:
 
 
 class ActorLink:
-    """A DEALER to another actor: request/reply by `ref`, or a stream of messages to a callback."""
+    """A DEALER to another actor: request/reply by `ref`, or a stream of messages to a callback.
+    With `watch=True`, losing the connection (the actor died) fails everything pending at once,
+    instead of leaving callers to time out."""
 
-    def __init__(self, name: str, config: Config) -> None:
+    def __init__(self, name: str, config: Config, watch: bool = False) -> None:
         self.name = name
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -129,9 +132,36 @@ class ActorLink:
         self.socket = TrioSocket(sock, on_receive=self.on_receive)
         self._refs = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        self.monitor: TrioSocket | None = None
+        if watch:
+            events = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self.monitor = TrioSocket(events, on_receive=self.on_monitor_event)
 
     async def run(self) -> None:
-        await self.socket.run()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.socket.run)
+            if self.monitor is not None:
+                nursery.start_soon(self.monitor.run)
+
+    def on_monitor_event(self, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            log.warning("actor connection lost", actor=self.name, pending=len(self._pending))
+            self.fail_all(f"the {self.name} stopped; it is restarting")
+
+    def fail_all(self, message: str) -> None:
+        """Answer everything in flight with an `error` marked `lost`."""
+        for ref, pending in list(self._pending.items()):
+            body: Body = {"op": internal.ERROR, "ref": ref, "code": "internal"}
+            body.update(message=message, lost=True)
+            if pending.on_message is not None:
+                self._pending.pop(ref, None)
+                pending.on_message(body)
+            elif pending.reply is not None:
+                try:
+                    pending.reply.send_nowait(body)
+                except trio.WouldBlock:
+                    pass
 
     def on_receive(self, frames: list[bytes]) -> None:
         try:

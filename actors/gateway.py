@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ..daemon.config import Config
 from ..daemon.logs import EventLog
@@ -59,6 +60,15 @@ class Stream:
 
 Handler = Callable[[bytes, Request], Awaitable[None]]
 
+EMPTY_STATS = {
+    "prompt_tokens": 0,
+    "cached_tokens": 0,
+    "tokens": 0,
+    "ttft_ms": 0.0,
+    "total_ms": 0.0,
+    "tps": 0.0,
+}
+
 
 class Gateway:
     def __init__(self, config: Config, frontend: TrioSocket) -> None:
@@ -68,9 +78,13 @@ class Gateway:
         self.nursery: trio.Nursery | None = None
         self.auth = ActorLink(internal.AUTH, config)
         self.sessions = ActorLink(internal.SESSIONS, config)
-        self.engine = ActorLink(internal.ENGINE, config)
+        self.engine = ActorLink(internal.ENGINE, config, watch=True)
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
+        self.streams: dict[int, Stream] = {}  # running infers by the engine's ref
+        self.fd_peers: dict[int, bytes] = {}
+        self.peer_fds: dict[bytes, int] = {}
+        self.monitor = frontend.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.models = [config.model_name]
         self.server_info: dict[str, Any] = {
             "name": "inferencecenter",
@@ -109,10 +123,13 @@ class Gateway:
             for link in (self.auth, self.sessions, self.engine):
                 nursery.start_soon(link.run)
             nursery.start_soon(self.frontend.run)
+            nursery.start_soon(self.watch_monitor)
 
     def on_frontend(self, frames: list[bytes]) -> None:
         """Check one client message (frames, size, body, auth) and queue it for its connection."""
+        self.drain_monitor()
         peer, parts = frames[0], frames[1:]
+        self.note_fd(peer, self.frontend.last_fd)
         try:
             body = wire.parse_client_frames(parts, self.config.max_message_bytes)
         except ProtocolError as exc:
@@ -127,6 +144,56 @@ class Gateway:
             self.reply_error(peer, request_id, exc)
             return
         self.enqueue(peer, request)
+
+    async def watch_monitor(self) -> None:
+        """Disconnects of quiet clients, noticed without waiting for their next message."""
+        while True:
+            # Edge-triggered FD, also drained by on_frontend: re-check at least once a second.
+            with trio.move_on_after(1.0):
+                await trio.lowlevel.wait_readable(self.monitor.FD)
+            self.drain_monitor()
+
+    def note_fd(self, peer: bytes, fd: int) -> None:
+        """Remember which OS socket a peer speaks through. An fd belongs to one open connection
+        at a time, so another peer still recorded on it is gone."""
+        if fd < 0 or self.peer_fds.get(peer) == fd:
+            return
+        previous = self.fd_peers.get(fd)
+        if previous is not None and previous != peer:
+            self.connection_lost(previous)
+        self.fd_peers[fd] = peer
+        self.peer_fds[peer] = fd
+
+    def drain_monitor(self) -> None:
+        """Handle the monitor's pending events before any client message: a disconnect is queued
+        there before a new connection on the same fd can deliver anything."""
+        while True:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.on_monitor_event(frames)
+
+    def on_monitor_event(self, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            peer = self.fd_peers.pop(int(event["value"]), None)
+            if peer is not None:
+                self.peer_fds.pop(peer, None)
+                self.connection_lost(peer)
+
+    def connection_lost(self, peer: bytes) -> None:
+        """A client vanished: its running generations are aborted; its sessions stay."""
+        self.clients.pop(peer, None)
+        queue = self.queues.pop(peer, None)
+        if queue is not None:
+            queue.close()
+        gone = [stream for stream in self.streams.values() if stream.peer == peer]
+        for stream in gone:
+            self.engine.push("abort", session_id=stream.session_id)
+            log.info("client gone, generation aborted", session_id=stream.session_id)
+        if gone or queue is not None:
+            log.info("client disconnected", streams=len(gone))
 
     def enqueue(self, peer: bytes, request: Request) -> None:
         queue = self.queues.get(peer)
@@ -145,14 +212,17 @@ class Gateway:
     ) -> None:
         while True:
             request: Request | None = None
-            with trio.move_on_after(CONNECTION_IDLE_S):
-                request = await receive.receive()
-            if request is None:
-                try:
+            try:
+                with trio.move_on_after(CONNECTION_IDLE_S):
+                    request = await receive.receive()
+                if request is None:
                     request = receive.receive_nowait()
-                except trio.WouldBlock:
+            except trio.WouldBlock:
+                if self.queues.get(peer) is not None:
                     del self.queues[peer]
-                    return
+                return
+            except trio.EndOfChannel:  # the connection is gone
+                return
             try:
                 await self.handlers[request.op](peer, request)
             except ProtocolError as exc:
@@ -205,7 +275,11 @@ class Gateway:
         if model not in self.models:
             raise NotFound(f"no model {model[:80]!r}; this daemon serves {self.config.model_name}")
         created = await self.sessions.request(
-            "create", client_id=state.client_id, max_sessions=state.max_sessions, model=model
+            "create",
+            client_id=state.client_id,
+            max_sessions=state.max_sessions,
+            model=model,
+            system_prompt=request.fields["system_prompt"],
         )
         session_id = created["session_id"]
         try:
@@ -281,7 +355,18 @@ class Gateway:
                 )
                 return
             self.engine.forget(ref)
-            if op == internal.END:
+            self.streams.pop(ref, None)
+            if body.get("lost"):  # the engine died mid-generation
+                self.reply(
+                    stream.peer,
+                    stream.request_id,
+                    messages.END,
+                    session_id=stream.session_id,
+                    finish_reason="error",
+                    stats=EMPTY_STATS,
+                    message="the engine restarted; the session goes on with its next infer",
+                )
+            elif op == internal.END:
                 end: Body = {"finish_reason": body["finish_reason"], "stats": body["stats"]}
                 if "message" in body:
                     end["message"] = body["message"]
@@ -305,6 +390,7 @@ class Gateway:
                 )
 
         ref = self.engine.stream("infer", on_message, **payload)
+        self.streams[ref] = stream
 
     async def abort(self, peer: bytes, request: Request) -> None:
         session_id = request.fields["session_id"]
@@ -331,8 +417,15 @@ def open_frontend(config: Config) -> TrioSocket:
     sock.setsockopt(zmq.MAXMSGSIZE, wire.hard_cap(config.max_message_bytes))
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
+    # ZMTP heartbeats drop a silent peer (cable pulled) after --client-timeout; every peer
+    # built on libzmq answers them by itself. The socket monitor then reports the connection's
+    # OS socket as disconnected (see Gateway.drain_monitor).
+    heartbeat_ms = int(config.client_timeout * 1000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, min(2000, heartbeat_ms // 2))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_ms)
     sock.bind(f"tcp://{config.bind}:{config.port}")
-    return TrioSocket(sock)
+    return TrioSocket(sock, track_fd=True)
 
 
 async def main(config: Config, stop: trio.Event) -> None:

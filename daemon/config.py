@@ -27,11 +27,15 @@ class Config:
     ctx_size: int = 2048
     batch_size: int = 512
     gpu_layers: int = -1
+    vram_margin_mb: int = 500
     threads: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_queue: int = 64
     session_cache_mb: int = 1024
     prefill_chunk: int = 128
+    state_dir: str = ""
+    client_timeout: float = 10.0
+    session_idle_timeout: float = 3600.0
     log_format: str = "text"
     log_level: str = "info"
     runtime_dir: str = ""
@@ -68,6 +72,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx-size", type=int, default=2048, help="tokens per session")
     parser.add_argument("--batch-size", type=int, default=512, help="tokens per decode step")
     parser.add_argument("--gpu-layers", type=int, default=-1, help="-1 all that fit, 0 CPU, N")
+    parser.add_argument(
+        "--vram-margin-mb",
+        type=int,
+        default=500,
+        help="VRAM in MiB that --gpu-layers -1 leaves free",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument("--max-queue", type=int, default=64, help="infers waiting for a slot")
@@ -79,6 +89,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=128,
         help="prompt tokens per step while others generate",
+    )
+    parser.add_argument("--state-dir", help="keep sessions here across restarts of the daemon")
+    parser.add_argument(
+        "--client-timeout", type=float, default=10.0, help="seconds before a silent client is gone"
+    )
+    parser.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds an unused session is kept",
     )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(
@@ -120,6 +140,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         raise ConfigError(f"--ctx-size must be at least 64 (got {args.ctx_size})")
     if not 16 <= args.batch_size <= 8192:
         raise ConfigError(f"--batch-size must be in 16..8192 (got {args.batch_size})")
+    if args.vram_margin_mb < 0:
+        raise ConfigError(f"--vram-margin-mb must be >= 0 (got {args.vram_margin_mb})")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (got {args.threads})")
     if not 1024 <= args.max_message_bytes <= 64 << 20:
@@ -130,6 +152,17 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         raise ConfigError("--session-cache-mb must be >= 0")
     if args.prefill_chunk < 1:
         raise ConfigError("--prefill-chunk must be >= 1")
+    if not 1.0 <= args.client_timeout <= 3600:
+        raise ConfigError("--client-timeout must be in 1..3600 seconds")
+    if args.session_idle_timeout < 1:
+        raise ConfigError("--session-idle-timeout must be at least 1 second")
+    state_dir = ""
+    if args.state_dir:
+        state_dir = os.path.abspath(args.state_dir)
+        try:
+            Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot use --state-dir {state_dir}: {exc.strerror}") from None
     created = False
     if args.clients:
         clients_path = Path(args.clients)
@@ -154,11 +187,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         ctx_size=args.ctx_size,
         batch_size=args.batch_size,
         gpu_layers=args.gpu_layers,
+        vram_margin_mb=args.vram_margin_mb,
         threads=args.threads or (os.cpu_count() or 1),
         max_message_bytes=args.max_message_bytes,
         max_queue=args.max_queue,
         session_cache_mb=args.session_cache_mb,
         prefill_chunk=args.prefill_chunk,
+        state_dir=state_dir,
+        client_timeout=args.client_timeout,
+        session_idle_timeout=args.session_idle_timeout,
         log_format=args.log_format,
         log_level=args.log_level,
     )

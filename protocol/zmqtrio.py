@@ -40,9 +40,14 @@ class TrioSocket:
         sock: zmq.Socket[Any],
         on_receive: Callable[[Frames], None] | None = None,
         inbox_size: int = 1024,
+        track_fd: bool = False,
     ) -> None:
         self.sock = sock
         self.on_receive = on_receive
+        # With track_fd, `last_fd` is the OS socket the last message came through (ZMQ_SRCFD):
+        # a ROUTER uses it to learn which peer a monitor's "disconnected" event is about.
+        self.track_fd = track_fd
+        self.last_fd = -1
         self._outbox: deque[Frames] = deque()
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[Frames](inbox_size)
         self._wait_scope: trio.CancelScope | None = None
@@ -84,6 +89,13 @@ class TrioSocket:
     def pending_sends(self) -> int:
         return len(self._outbox)
 
+    def _recv(self) -> Frames:
+        if not self.track_fd:
+            return self.sock.recv_multipart(zmq.NOBLOCK)
+        parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        self.last_fd = int(parts[-1].get(zmq.SRCFD))
+        return [part.bytes for part in parts]
+
     async def _deliver(self, frames: Frames) -> None:
         if self.on_receive is not None:
             self.on_receive(frames)
@@ -112,7 +124,7 @@ class TrioSocket:
                 received = 0
                 while events & zmq.POLLIN and received < 256:
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = self._recv()
                     except zmq.Again:
                         break
                     received += 1

@@ -81,8 +81,11 @@ class Job:
 
 
 class Engine:
-    def __init__(self, config: Config, backend: LlamaBackend, server: ActorServer | None) -> None:
+    def __init__(
+        self, config: Config, backend: LlamaBackend, sessions_link: ActorLink | None = None
+    ) -> None:
         self.config = config
+        self.sessions_link = sessions_link
         self.backend = backend
         self.n_ctx = backend.n_ctx_seq
         self.sessions: dict[str, Session] = {}
@@ -119,15 +122,20 @@ class Engine:
         caller.reply(ctx_size=self.n_ctx)
 
     def close(self, body: Body, caller: Caller) -> None:
-        session = self.sessions.pop(body["session_id"], None)
+        session = self.sessions.get(body["session_id"])
         if session is not None:
-            if session.job is not None:
-                self.finish(session.job, "aborted")
-            if session.slot is not None:
-                self.slots[session.slot] = None  # cleared by the loop when next bound
-                session.slot = None
-            self.drop_saved(session)
+            self.forget_session(session)
         caller.reply()
+
+    def forget_session(self, session: Session) -> None:
+        """Close a session: abort its generation, give back its slot and saved state."""
+        self.sessions.pop(session.session_id, None)
+        if session.job is not None:
+            self.finish(session.job, "aborted")
+        if session.slot is not None:
+            self.slots[session.slot] = None  # cleared by the loop when next bound
+            session.slot = None
+        self.drop_saved(session)
 
     def abort(self, body: Body, caller: Caller) -> None:
         session = self.sessions.get(body["session_id"])
@@ -516,7 +524,27 @@ class Engine:
             session.chat = session.chat + job.new_turns
             session.chat.append({"role": "assistant", "content": "".join(job.reply_text)})
         self.send_end(job, reason, message)
+        self.save_history(session)
         self.kick()
+
+    def save_history(self, session: Session) -> None:
+        """Hand the conversation to the sessions actor: it outlives this process."""
+        if self.sessions_link is not None and session.session_id in self.sessions:
+            self.sessions_link.push(
+                "history",
+                session_id=session.session_id,
+                tokens=session.tokens.tobytes(),
+                chat=session.chat,
+            )
+
+    def load_histories(self, histories: list[Body]) -> None:
+        """Sessions of an earlier engine life: their KV is rebuilt on their next infer."""
+        for history in histories:
+            tokens = _tokens()
+            tokens.frombytes(bytes(history.get("tokens", b"")))
+            session = Session(history["session_id"], history.get("system_prompt"), tokens)
+            session.chat = list(history.get("chat", []))
+            self.sessions[session.session_id] = session
 
     def send_end(self, job: Job, reason: str, message: str = "") -> None:
         now = time.monotonic()
@@ -568,6 +596,21 @@ class Engine:
         }
 
 
+async def expire_idle_sessions(engine: Engine) -> None:
+    """Close sessions unused for --session-idle-timeout (their owner is told nothing: the next
+    use answers not_found)."""
+    timeout = engine.config.session_idle_timeout
+    while True:
+        await trio.sleep(min(30.0, timeout / 4))
+        cutoff = time.monotonic() - timeout
+        for session in list(engine.sessions.values()):
+            if session.job is None and session.last_used < cutoff:
+                engine.forget_session(session)
+                if engine.sessions_link is not None:
+                    engine.sessions_link.push("remove", session_id=session.session_id)
+                log.info("session expired", session_id=session.session_id)
+
+
 async def push_stats(engine: Engine, monitor: ActorLink) -> None:
     while True:
         monitor.push("inference", inference=engine.inference_snapshot())
@@ -575,13 +618,36 @@ async def push_stats(engine: Engine, monitor: ActorLink) -> None:
 
 
 def load_backend(config: Config) -> LlamaBackend:
+    """Load the model; `--gpu-layers -1` offloads as many layers as the free VRAM holds."""
+    import llama_cpp
+
+    from ...daemon.fit import gpu_vram_free_mb, plan_split
+
+    gpu_layers = config.gpu_layers
+    if gpu_layers == -1:
+        vram_mb = gpu_vram_free_mb()
+        if vram_mb is None or not llama_cpp.llama_supports_gpu_offload():
+            reason = "no NVIDIA GPU" if vram_mb is None else "CPU build of llama-cpp-python"
+            log.info("no GPU: running on CPU", reason=reason)
+            gpu_layers = 0
+        else:
+            plan = plan_split(
+                config.model,
+                vram_mb,
+                config.parallel,
+                config.ctx_size,
+                config.vram_margin_mb,
+                batch_size=config.batch_size,
+            )
+            log.info("gpu layers planned", **plan.mib_fields())
+            gpu_layers = plan.gpu_layers
     return LlamaBackend(
         config.model,
         n_seq_max=config.parallel,
         n_ctx_seq=config.ctx_size,
         n_batch=config.batch_size,
         n_threads=config.threads or None,
-        n_gpu_layers=config.gpu_layers,
+        n_gpu_layers=gpu_layers,
     )
 
 
@@ -597,15 +663,22 @@ async def main(config: Config, stop: trio.Event) -> None:
         ctx_size=backend.n_ctx_seq,
         gpu_layers=backend.gpu_layers_used,
     )
-    engine = Engine(config, backend, None)
-    assert set(engine.handlers) == set(internal.ENGINE_OPS)
-    server = ActorServer(internal.ENGINE, config, engine.handlers)
+    sessions_link = ActorLink(internal.SESSIONS, config)
     monitor = ActorLink(internal.MONITOR, config)
+    engine = Engine(config, backend, sessions_link)
+    assert set(engine.handlers) == set(internal.ENGINE_OPS)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.run)
+            nursery.start_soon(sessions_link.run)
             nursery.start_soon(monitor.run)
+            snapshot = await sessions_link.request("snapshot", timeout=60.0)
+            engine.load_histories(snapshot["sessions"])
+            if engine.sessions:
+                log.info("sessions reloaded", count=len(engine.sessions))
+            server = ActorServer(internal.ENGINE, config, engine.handlers)
+            nursery.start_soon(server.run)
             nursery.start_soon(push_stats, engine, monitor)
+            nursery.start_soon(expire_idle_sessions, engine)
             loop_scope = trio.CancelScope()
 
             async def run_loop() -> None:
