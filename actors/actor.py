@@ -216,6 +216,22 @@ def report_to_supervisor(config: Config, body: Body) -> None:
     sock.close()
 
 
+class SupervisorLink:
+    """A lasting PUSH to the supervisor, for messages sent every second (heartbeats)."""
+
+    def __init__(self, config: Config) -> None:
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 10)
+        self.sock.connect(internal.endpoint(config.runtime_dir, internal.SUPERVISOR))
+
+    def send(self, body: Body) -> None:
+        try:
+            self.sock.send(internal.pack(body), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the supervisor is busy; the next beat will do
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the supervisor dies, so no actor outlives it."""
     try:

@@ -36,6 +36,7 @@ class Config:
     state_dir: str = ""
     client_timeout: float = 10.0
     session_idle_timeout: float = 3600.0
+    engine_hang_s: float = 60.0
     log_format: str = "text"
     log_level: str = "info"
     runtime_dir: str = ""
@@ -100,6 +101,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=3600.0,
         help="seconds an unused session is kept",
     )
+    parser.add_argument(
+        "--engine-hang-s",
+        type=float,
+        default=60.0,
+        help="seconds without a decode step while work waits before the engine is restarted",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -154,6 +161,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         raise ConfigError("--prefill-chunk must be >= 1")
     if not 1.0 <= args.client_timeout <= 3600:
         raise ConfigError("--client-timeout must be in 1..3600 seconds")
+    if args.engine_hang_s < 1:
+        raise ConfigError("--engine-hang-s must be at least 1 second")
     if args.session_idle_timeout < 1:
         raise ConfigError("--session-idle-timeout must be at least 1 second")
     state_dir = ""
@@ -196,6 +205,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         state_dir=state_dir,
         client_timeout=args.client_timeout,
         session_idle_timeout=args.session_idle_timeout,
+        engine_hang_s=args.engine_hang_s,
         log_format=args.log_format,
         log_level=args.log_level,
     )

@@ -4,8 +4,10 @@ that crash, and stops them in order (the engine first, so running streams get th
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,25 @@ READY_DEADLINE_S = 600.0  # loading a large model from a slow disk can take minu
 STOP_DEADLINE_S = 10.0
 RESTART_WINDOW_S = 60.0
 MAX_RESTARTS_IN_WINDOW = 5
+STABLE_S = 30.0  # an actor up this long has its backoff reset
+MAX_BACKOFF_S = 15.0
+
+
+class SystemdNotifier:
+    """sd_notify without a dependency: a datagram to $NOTIFY_SOCKET when systemd set one."""
+
+    def __init__(self) -> None:
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+
+    def send(self, message: str) -> None:
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), self.address)
+        except OSError:
+            pass
 
 
 class StartupError(Exception):
@@ -37,6 +58,35 @@ class ActorProcess:
     process: subprocess.Popen[bytes] | None = None
     ready: bool = False
     restarts: list[float] = field(default_factory=list)
+    crashes_in_a_row: int = 0
+    started: float = 0.0
+    restart_at: float | None = None  # when a crashed actor is due to start again
+
+    def backoff(self) -> float:
+        """Exponential with jitter, so actors that crashed together do not restart in step."""
+        base = min(MAX_BACKOFF_S, 0.5 * 2 ** max(0, self.crashes_in_a_row - 1))
+        return base * random.uniform(1.0, 1.25)
+
+
+@dataclass
+class EngineHealth:
+    """The engine's heartbeat: its step counter and how much work waits. No progress while work
+    is pending, or no heartbeat at all, for --engine-hang-s means it is hung."""
+
+    steps: int = -1
+    pending: int = 0
+    progress_at: float = field(default_factory=time.monotonic)
+    heard_at: float = field(default_factory=time.monotonic)
+
+    def beat(self, steps: int, pending: int, now: float) -> None:
+        if steps != self.steps or pending == 0:
+            self.progress_at = now
+        self.steps, self.pending, self.heard_at = steps, pending, now
+
+    def hung(self, now: float, limit_s: float) -> bool:
+        silent = now - self.heard_at > limit_s
+        stuck = self.pending > 0 and now - self.progress_at > limit_s
+        return silent or stuck
 
 
 def make_runtime_dir() -> Path:
@@ -58,6 +108,8 @@ class Supervisor:
         self.inbox.bind(internal.endpoint(self.runtime_dir, internal.SUPERVISOR))
         self.stopping = False
         self.fatal: dict[str, str] = {}
+        self.engine_health = EngineHealth()
+        self.notify = SystemdNotifier()
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -75,6 +127,7 @@ class Supervisor:
         # then stops the actors in order.
         actor.process = subprocess.Popen(command, start_new_session=True)
         actor.ready = False
+        actor.started = time.monotonic()
 
     def poll_inbox(self, timeout_ms: int) -> None:
         if not self.inbox.poll(timeout_ms):
@@ -91,6 +144,11 @@ class Supervisor:
                 continue
             if body.get("op") == "ready":
                 actor.ready = True
+                if actor.name == internal.ENGINE:
+                    self.engine_health = EngineHealth()
+            elif body.get("op") == "alive" and actor.name == internal.ENGINE:
+                steps, pending = int(body.get("steps", 0)), int(body.get("pending", 0))
+                self.engine_health.beat(steps, pending, time.monotonic())
             elif body.get("op") == "fatal":
                 self.fatal[actor.name] = str(body.get("message", ""))
 
@@ -119,25 +177,61 @@ class Supervisor:
         self.wait_ready([internal.GATEWAY])
 
     def watch(self) -> int:
-        """Restart crashed actors until asked to stop; give up on a crash loop."""
+        """Restart crashed actors (backoff with jitter) until asked to stop; kill a hung engine;
+        give up on a crash loop with one clear line and exit code 1."""
         while not self.stopping:
             self.poll_inbox(200)
+            now = time.monotonic()
             for actor in self.actors.values():
                 assert actor.process is not None
-                code = actor.process.poll()
-                if code is None or self.stopping:
+                if actor.restart_at is not None:
+                    if now >= actor.restart_at and not self.stopping:
+                        actor.restart_at = None
+                        self.spawn(actor)
                     continue
-                now = time.monotonic()
+                code = actor.process.poll()
+                if code is None:
+                    if actor.ready and now - actor.started > STABLE_S:
+                        actor.crashes_in_a_row = 0
+                    continue
+                if self.stopping:
+                    break
                 actor.restarts = [t for t in actor.restarts if now - t < RESTART_WINDOW_S]
                 if len(actor.restarts) >= MAX_RESTARTS_IN_WINDOW:
-                    log.error("actor keeps crashing, giving up", actor=actor.name, code=code)
+                    log.error(
+                        "actor keeps crashing, giving up",
+                        actor=actor.name,
+                        code=code,
+                        crashes=len(actor.restarts) + 1,
+                        window_s=RESTART_WINDOW_S,
+                    )
                     return 1
                 actor.restarts.append(now)
-                delay = 0.5 * 2 ** (len(actor.restarts) - 1)
-                log.warning("actor exited, restarting", actor=actor.name, code=code, delay_s=delay)
-                time.sleep(delay)
-                self.spawn(actor)
+                actor.crashes_in_a_row += 1
+                delay = actor.backoff()
+                actor.restart_at = now + delay
+                log.warning(
+                    "actor exited, restarting", actor=actor.name, code=code, delay_s=round(delay, 2)
+                )
+            self.check_engine(now)
         return 0
+
+    def check_engine(self, now: float) -> None:
+        engine = self.actors[internal.ENGINE]
+        if engine.process is None or engine.restart_at is not None or not engine.ready:
+            return
+        hung = self.engine_health.hung(now, self.config.engine_hang_s)
+        if engine.process.poll() is None and hung:
+            log.error(
+                "engine hung, killing it",
+                pending=self.engine_health.pending,
+                seconds=round(now - self.engine_health.progress_at, 1),
+            )
+            engine.process.kill()
+            engine.ready = False
+            return
+        if self.engine_health.heard_at > now - 5.0:
+            self.notify.send("WATCHDOG=1")  # only while the engine loop is alive
 
     def stop_actor(self, actor: ActorProcess, deadline_s: float) -> None:
         process = actor.process
@@ -154,6 +248,7 @@ class Supervisor:
     def stop(self) -> None:
         """Engine first (it ends running generations with `end`), then the gateway (which
         delivers them), then the rest."""
+        self.notify.send("STOPPING=1")
         order = [
             internal.ENGINE,
             internal.GATEWAY,
@@ -181,6 +276,7 @@ class Supervisor:
                 clients=self.config.clients,
                 seconds=round(time.monotonic() - started, 2),
             )
+            self.notify.send(f"READY=1\nSTATUS=serving on {self.config.bind}:{self.config.port}")
             code = self.watch()
         except StartupError as exc:
             if not self.stopping:

@@ -34,7 +34,7 @@ AUTH_OPS = ("authenticate",)
 SESSIONS_OPS = ("create", "check", "remove", "list", "history", "snapshot")
 ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats")
 # Pushed to the supervisor: {"op": "ready", "actor": name} or {"op": "fatal", "actor", "message"}.
-SUPERVISOR_OPS = ("ready", "fatal")
+SUPERVISOR_OPS = ("ready", "fatal", "alive")
 # Pushed to the monitor by the engine once a second: {"op": "inference", "inference": {...}}.
 MONITOR_OPS = ("inference",)
 

@@ -173,3 +173,24 @@ def test_idle_sessions_expire(tmp_path: Path) -> None:
     finally:
         client.close()
         assert stop_daemon(daemon.process) == 0
+
+
+def test_hung_engine_is_killed_and_restarted(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, "--engine-hang-s", "3")
+    client = RawClient(daemon.endpoint)
+    try:
+        client.auth(daemon.client_id, daemon.api_key)
+        session_id = new_session(client)
+        client.send({"op": "infer", "id": "stuck", "session_id": session_id, "prompt": "Go",
+                     "params": {"max_tokens": 5000, "ignore_eos": True}})
+        assert client.recv_for("stuck")["op"] == "token"
+        engine = actor_process(daemon, "engine")
+        engine.send_signal(signal.SIGSTOP)  # a hang: alive, but no step, no heartbeat
+        _, end = client.stream("stuck")
+        assert end["finish_reason"] == "error"
+        assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+        wait_until_serving(client, session_id, 30.0)
+        assert "engine hung" in daemon.log()
+    finally:
+        client.close()
+        assert stop_daemon(daemon.process) == 0

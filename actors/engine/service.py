@@ -21,7 +21,14 @@ from ...daemon.logs import EventLog
 from ...protocol import internal
 from ...protocol.errors import BadRequest, Busy, Overloaded
 from ...protocol.messages import SamplingParams
-from ..actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
+from ..actor import (
+    ActorLink,
+    ActorServer,
+    Body,
+    Caller,
+    SupervisorLink,
+    report_to_supervisor,
+)
 from .backend import BatchEntry, DecodeError, LlamaBackend, Sampler
 from .chat import ChatRenderer
 from .scheduling import WaitQueue, prefill_order
@@ -99,6 +106,7 @@ class Engine:
         self.active: list[Job] = []  # jobs holding a slot: prefill or generating
         self.wakeup = trio.Event()
         self.decoding = False  # a step is in the worker thread: samplers must not be freed
+        self.steps = 0  # decode steps done: the supervisor's sign of life
         self.retired: list[Sampler] = []
         self.chat = ChatRenderer(backend.chat_template, backend.bos_text, backend.eos_text)
         self.total_tokens = 0
@@ -454,6 +462,7 @@ class Engine:
             return
         finally:
             self.decoding = False
+            self.steps += 1
             for sampler in self.retired:
                 sampler.free()
             self.retired.clear()
@@ -611,9 +620,14 @@ async def expire_idle_sessions(engine: Engine) -> None:
                 log.info("session expired", session_id=session.session_id)
 
 
-async def push_stats(engine: Engine, monitor: ActorLink) -> None:
+async def push_stats(engine: Engine, monitor: ActorLink, supervisor: SupervisorLink) -> None:
+    """Figures for the monitor, and the heartbeat the supervisor's hang check reads."""
     while True:
         monitor.push("inference", inference=engine.inference_snapshot())
+        pending = len(engine.active) + len(engine.queue)
+        supervisor.send(
+            {"op": "alive", "actor": internal.ENGINE, "steps": engine.steps, "pending": pending}
+        )
         await trio.sleep(STATS_PERIOD_S)
 
 
@@ -677,7 +691,7 @@ async def main(config: Config, stop: trio.Event) -> None:
                 log.info("sessions reloaded", count=len(engine.sessions))
             server = ActorServer(internal.ENGINE, config, engine.handlers)
             nursery.start_soon(server.run)
-            nursery.start_soon(push_stats, engine, monitor)
+            nursery.start_soon(push_stats, engine, monitor, SupervisorLink(config))
             nursery.start_soon(expire_idle_sessions, engine)
             loop_scope = trio.CancelScope()
 
