@@ -41,8 +41,15 @@ def test_engine_killed_mid_generation_ends_streams_and_sessions_go_on(tmp_path: 
         session_id = new_session(client)
         _, first = run_infer(client, session_id, prompt="The river flows", params=GREEDY)
         held = first["stats"]["prompt_tokens"] + first["stats"]["tokens"]
-        client.send({"op": "infer", "id": "doomed", "session_id": session_id, "prompt": " on",
-                     "params": {"max_tokens": 2000, "ignore_eos": True}})
+        client.send(
+            {
+                "op": "infer",
+                "id": "doomed",
+                "session_id": session_id,
+                "prompt": " on",
+                "params": {"max_tokens": 2000, "ignore_eos": True},
+            }
+        )
         assert client.recv_for("doomed")["op"] == "token"
         engine = actor_process(daemon, "engine")
         killed = time.monotonic()
@@ -57,7 +64,7 @@ def test_engine_killed_mid_generation_ends_streams_and_sessions_go_on(tmp_path: 
         assert actor_process(daemon, "engine").pid != engine.pid
         # The conversation survived: its tokens are evaluated again, nothing was lost.
         listed = client.request({"op": "list_sessions"})["sessions"]
-        assert [s["tokens"] for s in listed if s["session_id"] == session_id][0] >= held
+        assert next(s["tokens"] for s in listed if s["session_id"] == session_id) >= held
         _, after = run_infer(client, session_id, prompt=" and on", params=GREEDY)
         assert after["finish_reason"] == "length"
     finally:
@@ -136,7 +143,8 @@ def test_vanished_client_has_its_generation_aborted_and_keeps_its_session(daemon
 
     process = subprocess.Popen(
         [sys.executable, "-c", VANISHING_CLIENT, daemon.endpoint, daemon.client_id, daemon.api_key],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
     session_id = process.stdout.readline().strip()
@@ -181,8 +189,15 @@ def test_hung_engine_is_killed_and_restarted(tmp_path: Path) -> None:
     try:
         client.auth(daemon.client_id, daemon.api_key)
         session_id = new_session(client)
-        client.send({"op": "infer", "id": "stuck", "session_id": session_id, "prompt": "Go",
-                     "params": {"max_tokens": 5000, "ignore_eos": True}})
+        client.send(
+            {
+                "op": "infer",
+                "id": "stuck",
+                "session_id": session_id,
+                "prompt": "Go",
+                "params": {"max_tokens": 5000, "ignore_eos": True},
+            }
+        )
         assert client.recv_for("stuck")["op"] == "token"
         engine = actor_process(daemon, "engine")
         engine.send_signal(signal.SIGSTOP)  # a hang: alive, but no step, no heartbeat
