@@ -64,7 +64,7 @@ class ActorProcess:
 
     def backoff(self) -> float:
         """Exponential with jitter, so actors that crashed together do not restart in step."""
-        base = min(MAX_BACKOFF_S, 0.5 * 2 ** max(0, self.crashes_in_a_row - 1))
+        base = min(MAX_BACKOFF_S, 0.5 * 2.0 ** max(0, self.crashes_in_a_row - 1))
         return base * random.uniform(1.0, 1.25)
 
 
