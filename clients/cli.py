@@ -1,4 +1,4 @@
-"""The CLI's client commands (infer, chat, sessions, metrics, keygen) for the daemon's parser."""
+"""The client commands (infer, chat, sessions, metrics, top, keygen) for the daemon's parser."""
 
 from __future__ import annotations
 
@@ -83,6 +83,25 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="give up when nothing arrives for this many seconds (default 10)",
     )
     p.set_defaults(func=_guarded(_metrics))
+
+    p = subparsers.add_parser(
+        "top",
+        help="a live dashboard of the daemon's metrics and events",
+        description="Draw GPU, host and inference figures and recent events from the metrics "
+        "stream, redrawn as each message arrives. Ctrl-C leaves.",
+    )
+    p.add_argument(
+        "--metrics-endpoint",
+        default=DEFAULT_METRICS_ENDPOINT,
+        help=f"the daemon's metrics endpoint (default {DEFAULT_METRICS_ENDPOINT})",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame once the first metrics message arrives, then exit",
+    )
+    p.add_argument("--no-color", action="store_true", help="draw without colours")
+    p.set_defaults(func=_guarded(_top))
 
     p = subparsers.add_parser(
         "keygen",
@@ -345,6 +364,12 @@ def _metrics(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass  # the usual way to stop watching, not an error
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from .top import run_top  # rich is loaded by the one command that draws with it
+
+    return run_top(args.metrics_endpoint, once=args.once, color=not args.no_color)
 
 
 def format_metrics(topic: str, body: dict[str, Any]) -> str:
