@@ -12,7 +12,7 @@ from ..daemon.config import Config
 from ..daemon.logs import EventLog
 from ..protocol import clientsfile, internal
 from ..protocol.clientsfile import ClientEntry, ClientsFileError
-from .actor import ActorServer, Body, Caller, report_to_supervisor
+from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
 
 log = EventLog("auth")
 
@@ -62,8 +62,9 @@ class ClientRegistry:
 
 
 class AuthActor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, monitor: ActorLink | None = None) -> None:
         self.registry = ClientRegistry(Path(config.clients))
+        self.monitor = monitor
         self.handlers = {"authenticate": self.authenticate}
 
     def authenticate(self, body: Body, caller: Caller) -> None:
@@ -72,6 +73,8 @@ class AuthActor:
         entry = self.registry.authenticate(client_id, str(body.get("api_key", "")))
         if entry is None:
             log.warning("auth failed", client_id=client_id[:64])
+            if self.monitor is not None:
+                self.monitor.push("auth_failed")
             caller.reply(ok=False, reason="unknown client_id or wrong api_key")
             return
         caller.reply(
@@ -83,11 +86,13 @@ class AuthActor:
 
 
 async def main(config: Config, stop: trio.Event) -> None:
-    actor = AuthActor(config)
+    monitor = ActorLink(internal.MONITOR, config)
+    actor = AuthActor(config, monitor)
     assert set(actor.handlers) == set(internal.AUTH_OPS)
     server = ActorServer(internal.AUTH, config, actor.handlers)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)
+        nursery.start_soon(monitor.run)
         report_to_supervisor(config, {"op": "ready", "actor": internal.AUTH})
         await stop.wait()
         nursery.cancel_scope.cancel()

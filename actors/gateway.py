@@ -284,7 +284,10 @@ class Gateway:
         session_id = created["session_id"]
         try:
             opened = await self.engine.request(
-                "open", session_id=session_id, system_prompt=request.fields["system_prompt"]
+                "open",
+                session_id=session_id,
+                system_prompt=request.fields["system_prompt"],
+                client_id=state.client_id,
             )
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -1,8 +1,11 @@
-"""The monitor actor: publishes `metrics` once a second (GPU through NVML, host, inference)."""
+"""The monitor actor: `metrics` once a second (GPUs through NVML, host, inference), `event.*`
+topics (sessions, alerts with hysteresis), and an optional Prometheus exporter."""
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -14,11 +17,17 @@ from ..daemon.logs import EventLog
 from ..protocol import internal, wire
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorServer, Body, Caller, report_to_supervisor
+from .prometheus import PrometheusExporter
 
 log = EventLog("monitor")
 
 METRICS_TOPIC = b"metrics"
+SESSION_TOPIC = b"event.session"
+ALERT_TOPIC = b"event.alert"
 PERIOD_S = 1.0
+# An alert that cleared is raised again only after this long (hysteresis against flapping).
+ALERT_REPEAT_S = 60.0
+TEMP_HYSTERESIS_C = 5.0
 
 EMPTY_INFERENCE: dict[str, Any] = {
     "active_generations": 0,
@@ -30,27 +39,42 @@ EMPTY_INFERENCE: dict[str, Any] = {
     "tokens_per_second": 0.0,
 }
 
+# NVML's throttle reason bits, by the names the metrics use.
+THROTTLE_REASONS = {
+    "gpu_idle": 0x1,
+    "applications_clocks_setting": 0x2,
+    "sw_power_cap": 0x4,
+    "hw_slowdown": 0x8,
+    "sync_boost": 0x10,
+    "sw_thermal_slowdown": 0x20,
+    "hw_thermal_slowdown": 0x40,
+    "hw_power_brake_slowdown": 0x80,
+}
+BENIGN_REASONS = 0x1 | 0x2 | 0x10  # idle, application clocks, sync boost: not throttling
+
 
 class GpuProbe:
-    """NVML readings of the first GPU; None on a machine without an NVIDIA GPU or driver."""
+    """NVML readings of every NVIDIA GPU; an empty list on a machine without GPU or driver."""
 
     def __init__(self) -> None:
-        self.handle: Any = None
+        self.handles: list[Any] = []
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            if pynvml.nvmlDeviceGetCount() > 0:
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-                self.nvml = pynvml
+            self.nvml = pynvml
+            self.handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+            log.info("NVIDIA GPUs found", count=len(self.handles))
         except Exception as exc:  # no driver, no library, no device: all mean "no GPU"
             log.info("no NVIDIA GPU, gpu metrics are null", reason=type(exc).__name__)
-            self.handle = None
 
-    def read(self) -> dict[str, Any] | None:
-        if self.handle is None:
-            return None
-        nvml, handle = self.nvml, self.handle
+    def read(self) -> list[dict[str, Any]]:
+        return [self._read_one(index, handle) for index, handle in enumerate(self.handles)]
+
+    def _read_one(self, index: int, handle: Any) -> dict[str, Any]:
+        nvml = self.nvml
 
         def field(read: Any) -> Any:
             try:
@@ -62,17 +86,23 @@ class GpuProbe:
         name = field(lambda: nvml.nvmlDeviceGetName(handle))
         power_mw = field(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
         reasons = field(lambda: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
-        idle = getattr(nvml, "nvmlClocksThrottleReasonGpuIdle", 1)
+        mb = 2**20
         return {
+            "index": index,
             "name": name.decode() if isinstance(name, bytes) else name,
             "temp": field(lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
-            "vram_total_mb": memory.total / 2**20 if memory else None,
-            "vram_used_mb": memory.used / 2**20 if memory else None,
-            "vram_free_mb": memory.free / 2**20 if memory else None,
+            "vram_total_mb": memory.total / mb if memory else None,
+            "vram_used_mb": memory.used / mb if memory else None,
+            "vram_free_mb": memory.free / mb if memory else None,
             "power_watts": power_mw / 1000 if power_mw is not None else None,
             "fan_percent": field(lambda: nvml.nvmlDeviceGetFanSpeed(handle)),
             "utilization_percent": field(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-            "throttling": bool(reasons & ~idle) if reasons is not None else None,
+            "throttle_reasons": (
+                {key: bool(reasons & bit) for key, bit in THROTTLE_REASONS.items()}
+                if reasons is not None
+                else None
+            ),
+            "throttling": bool(reasons & ~BENIGN_REASONS) if reasons is not None else None,
         }
 
 
@@ -85,43 +115,159 @@ def host_metrics() -> dict[str, Any]:
     }
 
 
+def daemon_rss_mb() -> float:
+    """The supervisor and all its actors together."""
+    try:
+        supervisor = psutil.Process(os.getppid())
+        processes = [supervisor, *supervisor.children()]
+        return float(sum(p.memory_info().rss for p in processes)) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+@dataclass
+class Alert:
+    """One condition with hysteresis: raised when it starts, cleared when it ends, and not
+    raised again within ALERT_REPEAT_S of the last time."""
+
+    kind: str
+    active: bool = False
+    raised_at: float = -1e9
+
+    def update(self, condition: bool, cleared: bool, now: float) -> str | None:
+        if not self.active and condition and now - self.raised_at >= ALERT_REPEAT_S:
+            self.active, self.raised_at = True, now
+            return "raised"
+        if self.active and cleared:
+            self.active = False
+            return "cleared"
+        return None
+
+
 class MonitorActor:
-    def __init__(self) -> None:
+    def __init__(self, config: Config, pub: TrioSocket) -> None:
+        self.config = config
+        self.pub = pub
         self.inference: dict[str, Any] = dict(EMPTY_INFERENCE)
-        self.handlers = {"inference": self.update_inference}
+        self.prometheus = PrometheusExporter() if config.prometheus_port else None
+        self.alerts: dict[str, Alert] = {}
+        self.handlers = {
+            "inference": self.update_inference,
+            "event": self.on_event,
+            "request": self.on_request,
+            "auth_failed": self.on_auth_failed,
+        }
+
+    def publish(self, topic: bytes, body: Body) -> None:
+        self.pub.send([topic, wire.pack(body)])
 
     def update_inference(self, body: Body, caller: Caller) -> None:
         self.inference = {**EMPTY_INFERENCE, **body.get("inference", {})}
 
-    async def publish(self, pub: TrioSocket) -> None:
-        gpu = await trio.to_thread.run_sync(GpuProbe)
+    def on_event(self, body: Body, caller: Caller) -> None:
+        """Engine events: sessions' lives and an overloaded queue."""
+        kind = str(body.get("kind"))
+        if body.get("topic") == "session":
+            event = {"kind": kind, "timestamp": time.time()}
+            event.update({k: body.get(k) for k in ("session_id", "client_id", "model")})
+            self.publish(SESSION_TOPIC, event)
+        elif kind == "overloaded":
+            self.alert("overloaded", True, False, "the queue is full: infers get `overloaded`")
+
+    def on_request(self, body: Body, caller: Caller) -> None:
+        if self.prometheus is not None:
+            self.prometheus.observe_request(body)
+
+    def on_auth_failed(self, body: Body, caller: Caller) -> None:
+        if self.prometheus is not None:
+            self.prometheus.auth_failures.inc()
+
+    def alert(self, kind: str, condition: bool, cleared: bool, message: str, **fields: Any) -> None:
+        state = self.alerts.setdefault(kind, Alert(kind))
+        change = state.update(condition, cleared, time.monotonic())
+        if change is None:
+            return
+        level = "warning" if change == "raised" else "info"
+        text = message if change == "raised" else f"cleared: {message}"
+        body = {"kind": kind, "state": change, "level": level, "message": text, **fields}
+        self.publish(ALERT_TOPIC, {**body, "timestamp": time.time()})
+        log.warning("alert", kind=kind, state=change, message=text)
+
+    def check_gpu_alerts(self, gpus: list[dict[str, Any]]) -> None:
+        limit = self.config.alert_temp_c
+        margin = self.config.vram_margin_mb
+        for gpu in gpus:
+            index, temp, free = gpu["index"], gpu["temp"], gpu["vram_free_mb"]
+            if temp is not None:
+                self.alert(
+                    f"gpu{index}.temperature",
+                    temp >= limit,
+                    temp < limit - TEMP_HYSTERESIS_C,
+                    f"GPU {index} at {temp} °C (limit {limit} °C)",
+                    gpu=index,
+                    temp=temp,
+                )
+            if free is not None:
+                self.alert(
+                    f"gpu{index}.vram",
+                    free < margin,
+                    free >= margin * 1.2,
+                    f"GPU {index} has {free:.0f} MB free (margin {margin} MB)",
+                    gpu=index,
+                )
+            if gpu["throttling"] is not None:
+                self.alert(
+                    f"gpu{index}.throttling",
+                    gpu["throttling"],
+                    not gpu["throttling"],
+                    f"GPU {index} is throttling",
+                    gpu=index,
+                    reasons=gpu["throttle_reasons"],
+                )
+
+    async def run(self) -> None:
+        probe = await trio.to_thread.run_sync(GpuProbe)
         psutil.cpu_percent(None)  # prime: the first reading is meaningless
         next_tick = trio.current_time()
         while True:
             next_tick += PERIOD_S
             await trio.sleep_until(next_tick)
+            gpus = await trio.to_thread.run_sync(probe.read)
+            inference = dict(self.inference)
             body = {
                 "timestamp": time.time(),
-                "gpu": await trio.to_thread.run_sync(gpu.read),
+                "gpu": gpus[0] if gpus else None,
+                "gpus": gpus,
                 "host": host_metrics(),
-                "inference": self.inference,
+                "daemon": {"rss_mb": daemon_rss_mb()},
+                "inference": inference,
             }
-            pub.send([METRICS_TOPIC, wire.pack(body)])
+            self.publish(METRICS_TOPIC, body)
+            self.check_gpu_alerts(gpus)
+            if inference.get("queued", 0) == 0:
+                self.alert("overloaded", False, True, "the queue is full: infers get `overloaded`")
+            if self.prometheus is not None:
+                self.prometheus.update_gauges(body)
 
 
 async def main(config: Config, stop: trio.Event) -> None:
-    actor = MonitorActor()
-    assert set(actor.handlers) == set(internal.MONITOR_OPS)
-    server = ActorServer(internal.MONITOR, config, actor.handlers)
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never slows us
     sock.bind(f"tcp://{config.bind}:{config.metrics_port}")
     pub = TrioSocket(sock)
+    actor = MonitorActor(config, pub)
+    assert set(actor.handlers) == set(internal.MONITOR_OPS)
+    if actor.prometheus is not None:
+        actor.prometheus.serve(config.bind, config.prometheus_port)
+        log.info(
+            "prometheus exporter", endpoint=f"http://{config.bind}:{config.prometheus_port}/metrics"
+        )
+    server = ActorServer(internal.MONITOR, config, actor.handlers)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)
         nursery.start_soon(pub.run)
-        nursery.start_soon(actor.publish, pub)
+        nursery.start_soon(actor.run)
         report_to_supervisor(config, {"op": "ready", "actor": internal.MONITOR})
         await stop.wait()
         nursery.cancel_scope.cancel()

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_command
 
     add_bench_command(commands)
+    from .fit import add_fit_command
+
+    add_fit_command(commands)
     try:
         from ..clients.cli import add_commands
     except ImportError:

@@ -37,6 +37,8 @@ class Config:
     client_timeout: float = 10.0
     session_idle_timeout: float = 3600.0
     engine_hang_s: float = 60.0
+    prometheus_port: int = 0
+    alert_temp_c: float = 83.0
     log_format: str = "text"
     log_level: str = "info"
     runtime_dir: str = ""
@@ -107,6 +109,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds without a decode step while work waits before the engine is restarted",
     )
+    parser.add_argument(
+        "--prometheus-port", type=int, default=0, help="Prometheus exporter port (0: off)"
+    )
+    parser.add_argument(
+        "--alert-temp-c", type=float, default=83.0, help="GPU temperature that raises an alert"
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -161,6 +169,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         raise ConfigError("--prefill-chunk must be >= 1")
     if not 1.0 <= args.client_timeout <= 3600:
         raise ConfigError("--client-timeout must be in 1..3600 seconds")
+    if args.prometheus_port:
+        _check_port("--prometheus-port", args.prometheus_port)
+        if args.prometheus_port in (args.port, args.metrics_port):
+            raise ConfigError("--prometheus-port must differ from --port and --metrics-port")
     if args.engine_hang_s < 1:
         raise ConfigError("--engine-hang-s must be at least 1 second")
     if args.session_idle_timeout < 1:
@@ -206,6 +218,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         client_timeout=args.client_timeout,
         session_idle_timeout=args.session_idle_timeout,
         engine_hang_s=args.engine_hang_s,
+        prometheus_port=args.prometheus_port,
+        alert_temp_c=args.alert_temp_c,
         log_format=args.log_format,
         log_level=args.log_level,
     )

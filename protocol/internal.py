@@ -35,8 +35,9 @@ SESSIONS_OPS = ("create", "check", "remove", "list", "history", "snapshot")
 ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats")
 # Pushed to the supervisor: {"op": "ready", "actor": name} or {"op": "fatal", "actor", "message"}.
 SUPERVISOR_OPS = ("ready", "fatal", "alive")
-# Pushed to the monitor by the engine once a second: {"op": "inference", "inference": {...}}.
-MONITOR_OPS = ("inference",)
+# Pushed to the monitor: the engine's figures once a second ("inference"), session events and
+# an overloaded queue ("event"), one record per finished infer ("request"); auth failures.
+MONITOR_OPS = ("inference", "event", "request", "auth_failed")
 
 
 def endpoint(runtime_dir: str | Path, name: str) -> str:

@@ -56,6 +56,7 @@ class Session:
     slot: int | None = None
     saved: bytes | None = None
     clear_slot: bool = False  # its slot's KV is stale: cleared by the loop before next use
+    client_id: str = ""
     chat: list[dict[str, str]] = field(default_factory=list)
     job: Job | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -85,14 +86,20 @@ class Job:
     cached_tokens: int = 0
     t_arrival: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+    t_started: float | None = None  # when it got a slot
 
 
 class Engine:
     def __init__(
-        self, config: Config, backend: LlamaBackend, sessions_link: ActorLink | None = None
+        self,
+        config: Config,
+        backend: LlamaBackend,
+        sessions_link: ActorLink | None = None,
+        monitor: ActorLink | None = None,
     ) -> None:
         self.config = config
         self.sessions_link = sessions_link
+        self.monitor = monitor
         self.backend = backend
         self.n_ctx = backend.n_ctx_seq
         self.sessions: dict[str, Session] = {}
@@ -126,8 +133,23 @@ class Engine:
 
     def open(self, body: Body, caller: Caller) -> None:
         session_id = body["session_id"]
-        self.sessions[session_id] = Session(session_id, body.get("system_prompt"))
+        session = Session(session_id, body.get("system_prompt"))
+        session.client_id = str(body.get("client_id", ""))
+        self.sessions[session_id] = session
+        self.session_event("created", session)
         caller.reply(ctx_size=self.n_ctx)
+
+    def session_event(self, kind: str, session: Session) -> None:
+        """`event.session` on the PUB socket, through the monitor."""
+        if self.monitor is not None:
+            self.monitor.push(
+                "event",
+                topic="session",
+                kind=kind,
+                session_id=session.session_id,
+                client_id=session.client_id,
+                model=self.config.model_name,
+            )
 
     def close(self, body: Body, caller: Caller) -> None:
         session = self.sessions.get(body["session_id"])
@@ -138,6 +160,7 @@ class Engine:
     def forget_session(self, session: Session) -> None:
         """Close a session: abort its generation, give back its slot and saved state."""
         self.sessions.pop(session.session_id, None)
+        self.session_event("closed", session)
         if session.job is not None:
             self.finish(session.job, "aborted")
         if session.slot is not None:
@@ -189,6 +212,8 @@ class Engine:
             self.send_end(job, "context")
             return
         if self.free_slot_for(session) is None and self.queue.full():
+            if self.monitor is not None:
+                self.monitor.push("event", topic="engine", kind="overloaded")
             raise Overloaded("the daemon's queue is full; retry later")
         if reset:
             self.reset(session)
@@ -328,6 +353,7 @@ class Engine:
                 victim.n_past = 0
             victim.slot = None
             victim.clear_slot = False
+            self.session_event("evicted", victim)
             log.debug(
                 "session evicted", session_id=victim.session_id, bytes=len(victim.saved or b"")
             )
@@ -335,6 +361,7 @@ class Engine:
         self.slots[slot] = session
         session.slot = slot
         if session.saved is not None:
+            self.session_event("restored", session)
             try:
                 self.backend.seq_restore(slot, session.saved)
             except RuntimeError:
@@ -357,6 +384,7 @@ class Engine:
             self.use_prefix(job, slot)
             job.sampler = self.backend.new_sampler(job.params, job.session.tokens)
             job.state = "prefill"
+            job.t_started = time.monotonic()
             self.active.append(job)
 
     def use_prefix(self, job: Job, slot: int) -> None:
@@ -572,6 +600,19 @@ class Engine:
         if reason == "error":
             fields["message"] = message or "generation failed"
         job.caller.send(internal.END, **fields)
+        if self.monitor is not None:
+            started = job.t_started or now
+            self.monitor.push(
+                "request",
+                finish_reason=reason,
+                tokens=job.generated,
+                prompt_tokens=job.prompt_tokens,
+                cached_tokens=job.cached_tokens,
+                ttft_s=ttft_ms / 1000,
+                tpot_s=(1 / tps) if tps > 0 else 0.0,
+                queue_s=started - job.t_arrival,
+                duration_s=now - job.t_arrival,
+            )
         if job.generated:
             self.last_tps = stats["tps"]
             self.last_ttft_ms = stats["ttft_ms"]
@@ -602,6 +643,8 @@ class Engine:
             "last_ttft_ms": self.last_ttft_ms,
             "total_tokens_generated": self.total_tokens,
             "tokens_per_second": float(sum(n for _, n in self.recent_tokens)),
+            "kv_cells_used": sum(s.n_past for s in self.slots if s is not None),
+            "kv_cells_total": self.n_ctx * len(self.slots),
         }
 
 
@@ -635,7 +678,7 @@ def load_backend(config: Config) -> LlamaBackend:
     """Load the model; `--gpu-layers -1` offloads as many layers as the free VRAM holds."""
     import llama_cpp
 
-    from ...daemon.fit import gpu_vram_free_mb, plan_split
+    from ...daemon.fit import FitError, gpu_vram_free_mb, plan_split
 
     gpu_layers = config.gpu_layers
     if gpu_layers == -1:
@@ -645,16 +688,20 @@ def load_backend(config: Config) -> LlamaBackend:
             log.info("no GPU: running on CPU", reason=reason)
             gpu_layers = 0
         else:
-            plan = plan_split(
-                config.model,
-                vram_mb,
-                config.parallel,
-                config.ctx_size,
-                config.vram_margin_mb,
-                batch_size=config.batch_size,
-            )
-            log.info("gpu layers planned", **plan.mib_fields())
-            gpu_layers = plan.gpu_layers
+            try:
+                plan = plan_split(
+                    config.model,
+                    vram_mb,
+                    config.parallel,
+                    config.ctx_size,
+                    config.vram_margin_mb,
+                    batch_size=config.batch_size,
+                )
+            except FitError as exc:  # llama.cpp may still load it: offload all, as before
+                log.warning("cannot plan gpu layers, offloading all", reason=str(exc))
+            else:
+                log.info("gpu layers planned", **plan.mib_fields())
+                gpu_layers = plan.gpu_layers
     return LlamaBackend(
         config.model,
         n_seq_max=config.parallel,
@@ -679,7 +726,7 @@ async def main(config: Config, stop: trio.Event) -> None:
     )
     sessions_link = ActorLink(internal.SESSIONS, config)
     monitor = ActorLink(internal.MONITOR, config)
-    engine = Engine(config, backend, sessions_link)
+    engine = Engine(config, backend, sessions_link, monitor)
     assert set(engine.handlers) == set(internal.ENGINE_OPS)
     try:
         async with trio.open_nursery() as nursery:
