@@ -130,11 +130,14 @@ class TrioSocket:
                     received += 1
                     await self._deliver(frames)
                     events = _events(sock)
-                busy = busy or received > 0
-                if busy:
-                    await trio.lowlevel.checkpoint()  # let others run under a flood
-                    continue
-                if self._outbox and events & zmq.POLLOUT:
+                if busy or received:
+                    # More to do: yield once (others must run under a flood), then go on.
+                    # Nothing more: wait at once (a token's trip skips a scheduler round).
+                    events = _events(sock)
+                    if events & zmq.POLLIN or (self._outbox and events & zmq.POLLOUT):
+                        await trio.lowlevel.checkpoint()
+                        continue
+                elif self._outbox and events & zmq.POLLOUT:
                     continue
                 with trio.move_on_after(HEDGE_SECONDS) as scope:
                     self._wait_scope = scope

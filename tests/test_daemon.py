@@ -510,7 +510,7 @@ def test_multibyte_text_arrives_whole(authed: RawClient) -> None:
 def test_stats_op_has_the_metrics_inference_map(authed: RawClient) -> None:
     reply = authed.request({"op": "stats", "id": "st"})
     assert reply["op"] == "stats" and reply["id"] == "st"
-    assert set(reply["inference"]) == {
+    assert set(reply["inference"]) >= {
         "active_generations",
         "queued",
         "total_sessions",
@@ -608,7 +608,7 @@ def test_metrics_stream_publishes_once_a_second(daemon: Daemon) -> None:
             metrics["gpu"]
         )
         assert set(metrics["host"]) == {"cpu_percent", "ram_total_mb", "ram_used_mb"}
-        assert set(metrics["inference"]) == {
+        assert set(metrics["inference"]) >= {
             "active_generations",
             "queued",
             "total_sessions",
