@@ -15,7 +15,7 @@ from inferencecenter.protocol.errors import (
 )
 
 from .async_client import AsyncClient, AsyncGeneration, AsyncSession
-from .client import Client, EndpointError, Generation, Session
+from .client import Client, ConnectionLost, EndpointError, Generation, Session
 from .credentials import Credentials, CredentialsError
 from .metrics import MetricsSubscriber
 
@@ -27,6 +27,7 @@ __all__ = [
     "BadRequest",
     "Busy",
     "Client",
+    "ConnectionLost",
     "Credentials",
     "CredentialsError",
     "EndpointError",

@@ -1,9 +1,8 @@
-"""The trio client: the same shape as Client, with one dispatcher task routing replies by id."""
+"""The trio client: the same shape as Client; the socket's owner task routes replies by id."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import time
@@ -17,11 +16,9 @@ from typing import Any
 import trio
 import zmq
 
-from inferencecenter.protocol import wire
 from inferencecenter.protocol.errors import ProtocolError
 from inferencecenter.protocol.messages import (
     ABORTED,
-    ERROR,
     PONG,
     SESSION_CLOSED,
     SESSION_CREATED,
@@ -35,22 +32,28 @@ from .client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
-    MAX_REPLY_BYTES,
+    UP,
     Body,
+    Frames,
+    RequestTracker,
     TokenStream,
     auth_request,
     check_auth,
-    connect,
+    close_dealer,
     expect,
     infer_request,
-    lost_auth,
-    no_reply,
+    link_event,
+    nobody_answers,
+    open_dealer,
     reply_fields,
 )
 
+# Longest wait on the monitor's FD before it is read anyway (it is edge-triggered).
+MONITOR_HEDGE_S = 0.5
+
 
 class _Route:
-    """Where the dispatcher puts the replies of one request."""
+    """Where the socket's owner task puts the replies of one request."""
 
     def __init__(self) -> None:
         # Unbounded, so one unread stream never holds up the replies of other requests.
@@ -60,8 +63,10 @@ class _Route:
 class AsyncClient:
     """A connection to the daemon for trio code: `async with AsyncClient(...) as client:`.
 
-    Entering starts a nursery with the socket's owner task and the dispatcher, then
-    authenticates (AuthFailed on `auth_failed`); leaving cancels both and closes the socket.
+    Entering starts a nursery with the socket's owner task (which routes each reply to its
+    request) and a watcher of the socket monitor, then authenticates (AuthFailed on
+    `auth_failed`); leaving cancels both and closes the socket. Reconnects are handled as in
+    Client: authenticate again, resend what had no reply (see RequestTracker).
     """
 
     def __init__(
@@ -86,11 +91,11 @@ class AsyncClient:
         self.max_sessions = 0
         self.priority = ""
 
-        self._ids = itertools.count(1)
         self._routes: dict[int, _Route] = {}
-        self._unanswered: set[int] = set()
+        self._tracker = RequestTracker(self._creds, self._send, self._deliver, self._apply_auth)
         self._forgotten: deque[int] = deque()  # appended from finalizers
         self._socket: TrioSocket | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
         self._closed = False
@@ -101,14 +106,12 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         if self._nursery is not None or self._closed:
             raise RuntimeError("an AsyncClient can be entered only once")
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        connect(sock, self.endpoint)
-        self._socket = TrioSocket(sock)
+        sock, self._monitor = open_dealer(self.endpoint)
+        self._socket = TrioSocket(sock, on_receive=self._on_reply)
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._socket.run)
-        self._nursery.start_soon(self._dispatch)
+        self._nursery.start_soon(self._watch_monitor)
         try:
             await self._authenticate(self.connect_timeout)
         except BaseException:
@@ -118,11 +121,15 @@ class AsyncClient:
         return self
 
     async def _authenticate(self, timeout: float | None = None) -> None:
-        reply = check_auth(await self._exchange(auth_request(self._creds), timeout, "auth"))
+        reply = await self._exchange(auth_request(self._creds), timeout, "auth")
+        self._apply_auth(check_auth(reply))
+
+    def _apply_auth(self, reply: Body) -> None:
         server = reply.get("server")
         self.server = dict(server) if isinstance(server, dict) else {}
         self.client_id = str(reply.get("client_id", self.client_id))
-        self.max_sessions = int(reply.get("max_sessions", 0))
+        max_sessions = reply.get("max_sessions")
+        self.max_sessions = max_sessions if isinstance(max_sessions, int) else 0
         self.priority = str(reply.get("priority", ""))
 
     async def __aexit__(
@@ -146,11 +153,12 @@ class AsyncClient:
     ) -> bool | None:
         self._closed = True
         assert self._nursery is not None and self._nursery_manager is not None
-        assert self._socket is not None
+        assert self._socket is not None and self._monitor is not None
         self._nursery.cancel_scope.cancel()
         try:
             return await self._nursery_manager.__aexit__(exc_type, exc, tb)
         finally:
+            close_dealer(self._socket.sock, self._monitor)
             self._socket.close()
             for route in self._routes.values():
                 route.send.close()  # a reader still waiting learns the client is gone
@@ -158,6 +166,11 @@ class AsyncClient:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def _connected(self) -> bool:
+        """Whether the connection is up and authenticated, as far as the client has noticed."""
+        return self._tracker.state == UP
 
     # ---- operations ----
 
@@ -201,13 +214,8 @@ class AsyncClient:
     # ---- requests and replies ----
 
     async def _request(self, body: Body, op: str) -> Body:
-        """Send one request and return its reply, checked to be `op`; after a reconnect the
-        daemon says `unauthenticated`, so authenticate again and retry once."""
-        reply = await self._exchange(body)
-        if lost_auth(reply):
-            await self._authenticate()
-            reply = await self._exchange(body)
-        return expect(reply, op)
+        """Send one request and return its reply, checked to be `op`."""
+        return expect(await self._exchange(body), op)
 
     async def _exchange(
         self, body: Body, timeout: float | None = None, waiting_for: str | None = None
@@ -224,14 +232,22 @@ class AsyncClient:
         return reply
 
     def _start(self, body: Body) -> int:
-        """Queue a request on the socket; its replies go to a fresh route."""
+        """Queue a request (now, or once the connection is back); its replies go to a route."""
         if self._closed or self._socket is None:
             raise RuntimeError(f"the client for {self.endpoint} is not open")
-        request_id = next(self._ids)
+        self._drop_forgotten()
+        request_id = self._tracker.open(body)
         self._routes[request_id] = _Route()
-        self._unanswered.add(request_id)
-        self._socket.send(wire.client_frames({**body, "id": request_id}))
         return request_id
+
+    def _send(self, frames: Frames) -> None:
+        assert self._socket is not None
+        self._socket.send(frames)
+
+    def _deliver(self, request_id: int, reply: Body) -> None:
+        route = self._routes.get(request_id)
+        if route is not None:
+            route.send.send_nowait(reply)
 
     async def _receive(self, request_id: int, timeout: float, waiting_for: str) -> Body:
         self._drop_forgotten()
@@ -243,7 +259,7 @@ class AsyncClient:
                 return await route.receive.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 raise RuntimeError(f"the client for {self.endpoint} is closed") from None
-        raise no_reply(self.endpoint, timeout, waiting_for)
+        raise self._tracker.timeout_error(request_id, self.endpoint, timeout, waiting_for)
 
     def _forget(self, request_id: int) -> None:
         self._forgotten.append(request_id)
@@ -254,28 +270,45 @@ class AsyncClient:
             route = self._routes.pop(request_id, None)
             if route is not None:
                 route.send.close()
-            self._unanswered.discard(request_id)
+            self._tracker.forget(request_id)
 
-    async def _dispatch(self) -> None:
-        """Route every reply to the request with its id; replies nobody waits for are dropped."""
-        assert self._socket is not None
-        async for frames in self._socket:
+    def _on_reply(self, frames: Frames) -> None:
+        """Route one reply (called in the socket's owner task); monitor events go first."""
+        self._drop_forgotten()
+        self._read_monitor(frames)
+
+    async def _watch_monitor(self) -> None:
+        """Drops and reconnects, noticed also while no reply arrives."""
+        assert self._monitor is not None
+        while True:
+            with trio.move_on_after(MONITOR_HEDGE_S):
+                await trio.lowlevel.wait_readable(self._monitor.FD)
             self._drop_forgotten()
+            self._read_monitor()
+
+    def _read_monitor(self, reply: Frames | None = None) -> None:
+        """Hand the tracker the monitor's pending events, then `reply`. A drop takes with it the
+        replies ready when it is seen (`reply` among them): they came before it, or answer
+        copies queued for the new connection (and so come before anything sent after it)."""
+        assert self._socket is not None and self._monitor is not None
+        replies = [] if reply is None else [reply]
+        while True:
             try:
-                reply = wire.parse_client_frames(frames, MAX_REPLY_BYTES)
-            except ProtocolError:
-                continue
-            request_id = reply.get("id")
-            if "id" not in reply and reply.get("op") == ERROR:
-                # The daemon could not read our id (e.g. too_large): blame the newest request
-                # still waiting for its first reply.
-                request_id = max(self._unanswered, default=None)
-            if not isinstance(request_id, int):
-                continue
-            route = self._routes.get(request_id)
-            if route is not None:
-                self._unanswered.discard(request_id)
-                route.send.send_nowait(reply)
+                event = link_event(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_DISCONNECTED:
+                while True:
+                    try:
+                        replies.append(self._socket.sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                self._tracker.take(event, replies)
+                replies = []
+            else:
+                self._tracker.take(event, [])
+        if replies:
+            self._tracker.take(0, replies)
 
 
 class AsyncSession:
@@ -301,7 +334,7 @@ class AsyncSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.client.closed or isinstance(exc, TimeoutError):
+        if self.client.closed or nobody_answers(exc, self.client._connected):
             return  # nobody to tell, or nobody answering: do not wait a second timeout
         with trio.CancelScope(shield=True):
             if exc is None:
@@ -339,7 +372,6 @@ class AsyncGeneration(AsyncIterator[str]):
 
     def __init__(self, session: AsyncSession, body: Body) -> None:
         self.session = session
-        self._body = body
         self._stream = TokenStream()
         self.request_id = session.client._start(body)
         self._finalizer = weakref.finalize(self, session.client._forget, self.request_id)
@@ -352,9 +384,6 @@ class AsyncGeneration(AsyncIterator[str]):
         try:
             while not self._stream.done:
                 reply = await client._receive(self.request_id, client.timeout, "the next token")
-                if self._stream.next_seq == 0 and lost_auth(reply):
-                    await self._restart()
-                    continue
                 piece = self._stream.feed(reply)
                 if piece is not None:
                     return piece
@@ -362,14 +391,6 @@ class AsyncGeneration(AsyncIterator[str]):
             if self._stream.done:
                 self._finalizer()
         raise StopAsyncIteration
-
-    async def _restart(self) -> None:
-        """Authenticate again and resend the infer, which the daemon refused unread."""
-        client = self.session.client
-        self._finalizer()
-        await client._authenticate()
-        self.request_id = client._start(self._body)
-        self._finalizer = weakref.finalize(self, client._forget, self.request_id)
 
     @property
     def text(self) -> str:

@@ -9,11 +9,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from inferencecenter.protocol import wire
 from inferencecenter.protocol.errors import (
@@ -40,6 +42,7 @@ from inferencecenter.protocol.messages import (
 from . import credentials
 
 Body = dict[str, Any]
+Frames = list[bytes]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 30.0
@@ -49,9 +52,37 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 MAX_REPLY_BYTES = 64 << 20
 # Longest a reader holds the socket before another thread may send on it.
 POLL_SLICE = 0.02
+# ZMTP heartbeats: a daemon that stops answering them for HEARTBEAT_TIMEOUT is a dropped
+# connection (then ZeroMQ reconnects), not a silent hang; HEARTBEAT_TTL tells the daemon how
+# long it may go without hearing from us (our own heartbeats keep that from ever happening).
+HEARTBEAT_IVL_MS = 1_000
+HEARTBEAT_TIMEOUT_MS = 3_000
+HEARTBEAT_TTL_MS = 10_000
+# What the socket monitor reports: the connection dropped, the connection is there again.
+LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+# Copies of one request sent before giving up on it (each reconnect or re-auth resends it).
+MAX_SENDS = 3
+# Marks the replies the client makes up itself when the connection dropped.
+LOST = "connection_lost"
 
 
 # ---- shared with async_client: what a reply means, independent of how it was received ----
+
+
+class ConnectionLost(InternalError):
+    """The connection to the daemon dropped and took this request's replies with it.
+
+    Raised by a generation that had already received tokens when the connection dropped (the
+    rest of its stream went with the connection; the session and what the daemon generated stay
+    on the daemon), and by a request whose copies were lost with the connection MAX_SENDS times.
+    """
+
+
+def reply_error(reply: Body) -> ProtocolError:
+    """The exception an `error` reply (or a reply the client made up on a lost connection) means."""
+    if reply.get(LOST):
+        return ConnectionLost(str(reply.get("message") or "the connection to the daemon dropped"))
+    return error_from_body(reply)
 
 
 def expect(reply: Body, op: str) -> Body:
@@ -60,7 +91,7 @@ def expect(reply: Body, op: str) -> Body:
     if got == op:
         return reply
     if got == ERROR:
-        raise error_from_body(reply)
+        raise reply_error(reply)
     raise InternalError(f"expected a {op!r} reply, got {got!r}")
 
 
@@ -128,11 +159,262 @@ def connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
         ) from None
 
 
-def no_reply(endpoint: str, timeout: float, waiting_for: str) -> TimeoutError:
+def open_dealer(endpoint: str) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """The client's DEALER, heartbeating and connected, and the PAIR reporting its LINK_EVENTS."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+    connect(sock, endpoint)
+    return sock, sock.get_monitor_socket(LINK_EVENTS)
+
+
+def close_dealer(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
+    with contextlib.suppress(zmq.ZMQError):
+        sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
+def link_event(frames: Frames) -> int:
+    """The event a message of the monitor socket reports (zmq.EVENT_*)."""
+    return int(parse_monitor_message(frames)["event"])
+
+
+def no_reply(endpoint: str, timeout: float, waiting_for: str, why: str = "") -> TimeoutError:
     return TimeoutError(
-        f"no reply from {endpoint} within {timeout:g}s (waiting for {waiting_for}): "
+        f"no reply from {endpoint} within {timeout:g}s (waiting for {waiting_for}){why}: "
         f"is the daemon running?"
     )
+
+
+def lost_stream_end(request_id: int, session_id: Any) -> Body:
+    """The `end` a generation gets when the connection dropped in the middle of its stream."""
+    return {
+        "op": END,
+        "id": request_id,
+        "session_id": session_id,
+        "finish_reason": "error",
+        "stats": {},
+        "message": "the connection to the daemon dropped while this generation was streaming; "
+        "the rest of it is lost (the session stays on the daemon)",
+        LOST: True,
+    }
+
+
+# The RequestTracker's view of the connection.
+UP = "up"  # sent requests reach the daemon, authenticated
+DOWN = "down"  # the connection dropped; requests wait for it to come back
+AUTHENTICATING = "authenticating"  # connected again; requests wait for `auth` to succeed
+
+
+@dataclass
+class Outstanding:
+    """A request that may have to be sent again: until its (first) reply, or its stream's end."""
+
+    body: Body  # with its `id`
+    sends: int = 0  # copies handed to ZeroMQ
+    replied: bool = False  # a reply arrived (for an infer: a token)
+    queued: bool = False  # to be sent once the connection is up and authenticated again
+    orphaned: bool = False  # an infer resent and answered `busy`: its first copy runs elsewhere
+
+    @property
+    def op(self) -> str:
+        return str(self.body["op"])
+
+
+class RequestTracker:
+    """Every request until it is answered, and what to do when the connection drops and returns.
+
+    No I/O of its own, so the sync and the trio client share it: they hand it replies and the
+    socket monitor's events (`take`), and it calls `send` with frames to send, `deliver` with a
+    reply for the request waiting for it, `authenticated` with an `auth_success` it obtained.
+
+    ZeroMQ reconnects by itself, but a copy of a request that was on its way when the connection
+    dropped is lost, and the daemon knows the new connection as unauthenticated. So when the
+    connection comes back the tracker sends `auth` first, then (once it succeeded) every request
+    that has had no reply yet, under the same id. A stream that had tokens cannot be resumed: it
+    ends with a made-up `end` (finish_reason "error", raising ConnectionLost).
+    """
+
+    def __init__(
+        self,
+        creds: credentials.Credentials,
+        send: Callable[[Frames], None],
+        deliver: Callable[[int, Body], None],
+        authenticated: Callable[[Body], None],
+    ) -> None:
+        self.creds = creds
+        self.send = send
+        self.deliver = deliver
+        self.authenticated = authenticated
+        self.requests: dict[int, Outstanding] = {}  # in id order: insertion order
+        self.state = UP  # the first connection is authenticated by the client itself
+        self.down_since: float | None = None
+        self.reauth_id: int | None = None
+        self.reauthentications = 0
+        self._ids = itertools.count(1)
+
+    def open(self, body: Body) -> int:
+        """Give a request its id and send it now, or once the connection is usable again."""
+        request_id = next(self._ids)
+        request = Outstanding({**body, "id": request_id})
+        self.requests[request_id] = request
+        if self.state == UP:
+            self._send(request)
+        else:
+            request.queued = True
+        return request_id
+
+    def forget(self, request_id: int) -> None:
+        """Nobody waits for this request any more: never resend it, drop its replies."""
+        self.requests.pop(request_id, None)
+
+    def take(self, event: int, replies: list[Frames]) -> None:
+        """Replies read from the socket (event 0), or a monitor event with the replies that were
+        read when it was seen (those came before it, or are answers to copies queued meanwhile)."""
+        if event == zmq.EVENT_DISCONNECTED:
+            self._dropped(replies)
+            return
+        for frames in replies:
+            self._reply(frames)
+        if event == zmq.EVENT_CONNECTED and self.state == DOWN:
+            self._start_auth()
+
+    def timeout_error(
+        self, request_id: int, endpoint: str, timeout: float, waiting_for: str
+    ) -> Exception:
+        """What to raise when `request_id` had no reply within `timeout`."""
+        request = self.requests.get(request_id)
+        if request is not None and request.orphaned:
+            return ConnectionLost(
+                f"the daemon had started this {request.op} before the connection to {endpoint} "
+                f"dropped, and its replies did not come back within {timeout:g}s"
+            )
+        if self.state == DOWN and self.down_since is not None:
+            ago = time.monotonic() - self.down_since
+            why = f"; the connection dropped {ago:.1f}s ago and has not come back"
+            return no_reply(endpoint, timeout, waiting_for, why)
+        if self.state == AUTHENTICATING:
+            why = "; the connection came back but the daemon did not answer auth"
+            return no_reply(endpoint, timeout, waiting_for, why)
+        return no_reply(endpoint, timeout, waiting_for)
+
+    # ---- inside ----
+
+    def _send(self, request: Outstanding) -> None:
+        request.sends += 1
+        request.queued = False
+        self.send(wire.client_frames(request.body))
+
+    def _start_auth(self) -> None:
+        self.state = AUTHENTICATING
+        self.reauth_id = next(self._ids)
+        self.send(wire.client_frames({**auth_request(self.creds), "id": self.reauth_id}))
+
+    def _reply(self, frames: Frames) -> None:
+        try:
+            reply = wire.parse_client_frames(frames, MAX_REPLY_BYTES)
+        except ProtocolError:
+            return  # not a reply of this protocol; nothing could be waiting for it
+        request_id = reply.get("id")
+        if "id" not in reply and reply.get("op") == ERROR:
+            # The daemon could not read our request's id (e.g. too_large): the newest request
+            # still waiting for its first reply is the one it could not read.
+            request_id = max(
+                (i for i, r in self.requests.items() if r.sends and not r.replied), default=None
+            )
+        if isinstance(request_id, bool) or not isinstance(request_id, int):
+            return
+        if request_id == self.reauth_id:
+            self._reauthenticated(reply)
+            return
+        request = self.requests.get(request_id)
+        if request is None:
+            return  # forgotten, finished, or an answer to a copy that was already answered
+        if not request.replied and not self._first_reply(request, reply):
+            return
+        request.replied = True
+        request.queued = False
+        if request.op != "infer" or reply.get("op") != TOKEN:
+            del self.requests[request_id]
+        self.deliver(request_id, reply)
+
+    def _first_reply(self, request: Outstanding, reply: Body) -> bool:
+        """Whether the first reply to arrive for `request` is its answer (else it waits on)."""
+        if lost_auth(reply) and request.sends < MAX_SENDS:
+            # A copy the daemon read on a connection it does not know as authenticated (one
+            # that came back before we noticed, or a copy queued before our auth): resend it
+            # after authenticating again.
+            request.queued = True
+            if self.state == UP:
+                self._start_auth()
+            return False
+        if request.sends < 2 or reply.get("op") != ERROR:
+            return True
+        code = reply.get("code")
+        if request.op == "infer" and code == "busy":
+            # An earlier copy did arrive and runs: wait for that stream (timeout_error says so).
+            request.orphaned = True
+            return False
+        if request.op == "close_session" and code == "not_found":
+            # An earlier copy closed it.
+            reply.clear()
+            reply.update(
+                op=SESSION_CLOSED, id=request.body["id"], session_id=request.body["session_id"]
+            )
+        return True
+
+    def _dropped(self, replies: list[Frames]) -> None:
+        self.state = DOWN
+        self.reauth_id = None
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+        for frames in replies:
+            self._reply(frames)
+        for request_id, request in list(self.requests.items()):
+            if request.replied:
+                del self.requests[request_id]
+                session_id = request.body["session_id"]
+                self.deliver(request_id, lost_stream_end(request_id, session_id))
+                # Nobody can receive the rest of it: stop it once the connection is back, so
+                # the session is soon idle again (its `aborted` reply is for nobody).
+                self.open({"op": "abort", "session_id": session_id})
+            elif request.sends >= MAX_SENDS:
+                del self.requests[request_id]
+                message = (
+                    f"the connection to the daemon dropped {request.sends} times while this "
+                    f"{request.op} waited for its reply"
+                )
+                lost = {"op": ERROR, "id": request_id, "code": "internal", "message": message}
+                self.deliver(request_id, {**lost, LOST: True})
+            elif request.sends:
+                request.queued = True  # its copy may be lost with the connection
+
+    def _reauthenticated(self, reply: Body) -> None:
+        self.reauth_id = None
+        self.state = UP
+        self.down_since = None
+        failure: Body | None = None
+        if reply.get("op") == AUTH_SUCCESS:
+            self.reauthentications += 1
+            self.authenticated(reply)
+        elif reply.get("op") == AUTH_FAILED:
+            reason = str(reply.get("reason") or "wrong client_id or api_key")
+            failure = {"op": ERROR, "code": "auth_failed", "message": reason}
+        elif reply.get("op") == ERROR:
+            failure = dict(reply)
+        else:
+            failure = {"op": ERROR, "code": "internal", "message": "unexpected reply to auth"}
+        for request_id, request in list(self.requests.items()):
+            if not request.queued:
+                continue
+            if failure is None or request.op in ("ping", "auth"):
+                self._send(request)
+            else:
+                del self.requests[request_id]
+                self.deliver(request_id, {**failure, "id": request_id})
 
 
 class TokenStream:
@@ -172,10 +454,12 @@ class TokenStream:
             self.finish_reason = str(reply.get("finish_reason"))
             if self.finish_reason == "error":
                 self.message = str(reply.get("message") or "the generation failed")
+                if reply.get(LOST):
+                    raise ConnectionLost(self.message)
                 raise InternalError(self.message)
             return None
         if op == ERROR:
-            raise error_from_body(reply)
+            raise reply_error(reply)
         raise InternalError(f"unexpected {op!r} reply in a token stream")
 
 
@@ -187,7 +471,8 @@ class Client:
 
     Every request carries a fresh int `id`. Whichever thread reads the socket files each reply
     under its `id`, so generations of different sessions can be consumed interleaved, from one
-    thread or several.
+    thread or several. When the connection drops and comes back (a daemon restart, a network
+    fault), the client authenticates again and resends what had no reply (see RequestTracker).
     """
 
     def __init__(
@@ -209,19 +494,21 @@ class Client:
         self.max_sessions = 0
         self.priority = ""
 
-        self._ids = itertools.count(1)
-        # _state guards the fields below; _sock_lock is held by whoever touches the socket.
+        # _state guards the fields below; _sock_lock is held by whoever touches the sockets.
+        # Lock order: _sock_lock before _state, never the other way round.
         self._state = threading.Condition()
         self._sock_lock = threading.Lock()
         self._boxes: dict[int, deque[Body]] = {}
-        self._unanswered: set[int] = set()
+        self._outbox: deque[Frames] = deque()  # frames to send, in order
+        self._tracker = RequestTracker(creds, self._outbox.append, self._deliver, self._apply_auth)
         self._forgotten: deque[int] = deque()  # appended from finalizers, so lock-free
         self._reading = False
         self._senders = 0
         self._closed = False
-        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        connect(self._sock, endpoint)
+        self._sock, self._monitor = open_dealer(endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         try:
             wait = (
                 min(timeout, DEFAULT_CONNECT_TIMEOUT)
@@ -234,11 +521,14 @@ class Client:
             raise
 
     def _authenticate(self, timeout: float | None = None) -> None:
-        reply = check_auth(self._exchange(auth_request(self._creds), timeout, "auth"))
+        self._apply_auth(check_auth(self._exchange(auth_request(self._creds), timeout, "auth")))
+
+    def _apply_auth(self, reply: Body) -> None:
         server = reply.get("server")
         self.server = dict(server) if isinstance(server, dict) else {}
         self.client_id = str(reply.get("client_id", self.client_id))
-        self.max_sessions = int(reply.get("max_sessions", 0))
+        max_sessions = reply.get("max_sessions")
+        self.max_sessions = max_sessions if isinstance(max_sessions, int) else 0
         self.priority = str(reply.get("priority", ""))
 
     def __enter__(self) -> Client:
@@ -300,85 +590,86 @@ class Client:
             self._closed = True
             self._state.notify_all()
         with self._sock_lock:
-            self._sock.close(linger=0)
+            close_dealer(self._sock, self._monitor)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def _connected(self) -> bool:
+        """Whether the connection is up and authenticated, as far as the client has noticed."""
+        return self._tracker.state == UP
+
     # ---- requests and replies ----
 
     def _request(self, body: Body, op: str) -> Body:
-        """Send one request and return its reply, checked to be `op`.
-
-        ZeroMQ reconnects on its own after a network fault or a gateway restart, and the daemon
-        knows the new connection as unauthenticated: then authenticate again and retry once.
-        """
-        reply = self._exchange(body)
-        if lost_auth(reply):
-            self._authenticate()
-            reply = self._exchange(body)
-        return expect(reply, op)
+        """Send one request and return its reply, checked to be `op`."""
+        return expect(self._exchange(body), op)
 
     def _exchange(
         self, body: Body, timeout: float | None = None, waiting_for: str | None = None
     ) -> Body:
         """Send one request and return its single reply, whatever it is."""
-        request_id = self._open_box()
+        request_id = self._start(body)
         try:
-            self._send({**body, "id": request_id})
-            reply = self._receive(
+            return self._receive(
                 request_id,
                 self.timeout if timeout is None else timeout,
                 waiting_for or f"the reply to {body['op']}",
             )
         finally:
             self._forget(request_id)
-        return reply
 
     def _start(self, body: Body) -> int:
-        """Send a request whose replies are a stream; the caller reads them with `_receive`."""
-        request_id = self._open_box()
-        try:
-            self._send({**body, "id": request_id})
-        except BaseException:
-            self._forget(request_id)
-            raise
-        return request_id
-
-    def _open_box(self) -> int:
-        request_id = next(self._ids)
+        """Send a request (now, or once the connection is back); read replies with `_receive`."""
         with self._state:
+            self._check_open()
+            self._drop_forgotten()
+            request_id = self._tracker.open(body)
             self._boxes[request_id] = deque()
-            self._unanswered.add(request_id)
+        self._flush()
         return request_id
 
     def _forget(self, request_id: int) -> None:
         """Drop a request's mailbox; later replies for it are discarded (safe from finalizers)."""
         self._forgotten.append(request_id)
 
-    def _send(self, body: Body) -> None:
-        frames = wire.client_frames(body)
-        deadline = time.monotonic() + self.timeout
+    def _deliver(self, request_id: int, reply: Body) -> None:
+        """File a reply under its request (the tracker calls this with _state held)."""
+        box = self._boxes.get(request_id)
+        if box is not None:
+            box.append(reply)
+
+    def _flush(self) -> None:
+        """Hand the outbox to ZeroMQ, waiting for the socket no longer than a reader's slice."""
         with self._state:
-            self._check_open()
+            if not self._outbox or self._closed:
+                return
             self._senders += 1  # a reader seeing this hands the socket over after its slice
         try:
             with self._sock_lock:
-                self._check_open()
-                while True:
-                    try:
-                        self._sock.send_multipart(frames, zmq.NOBLOCK)
-                        return
-                    except zmq.Again:
-                        # Only at the high-water mark; wait for room rather than block forever.
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0 or not self._sock.poll(_ms(remaining), zmq.POLLOUT):
-                            raise no_reply(self.endpoint, self.timeout, "room to send") from None
+                self._send_queued()
         finally:
             with self._state:
                 self._senders -= 1
                 self._state.notify_all()
+
+    def _send_queued(self) -> None:
+        """Send the outbox in order (with _sock_lock held). What ZeroMQ refuses at its high-water
+        mark stays queued for the next reader's slice; the request's timeout bounds the wait."""
+        if self._closed:
+            return
+        with self._state:
+            frames_list = list(self._outbox)
+            self._outbox.clear()
+        for index, frames in enumerate(frames_list):
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                with self._state:
+                    self._outbox.extendleft(reversed(frames_list[index:]))
+                return
 
     def _receive(self, request_id: int, timeout: float, waiting_for: str) -> Body:
         """The next reply for `request_id`, reading the socket ourselves when nobody else is."""
@@ -395,57 +686,60 @@ class Client:
                         raise RuntimeError(f"request {request_id} is finished; nothing to receive")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise no_reply(self.endpoint, timeout, waiting_for)
+                        raise self._tracker.timeout_error(
+                            request_id, self.endpoint, timeout, waiting_for
+                        )
                     if not self._reading and self._senders == 0:
                         self._reading = True
                         break
                     self._state.wait(min(remaining, POLL_SLICE))
-            received: list[list[bytes]] = []
+            read: list[tuple[int, list[Frames]]] = []
             try:
-                self._read_socket(min(remaining, POLL_SLICE), received)
+                self._read_socket(min(remaining, POLL_SLICE), read)
             finally:
                 # Even when interrupted (Ctrl-C), what was read is filed, not lost.
                 with self._state:
                     self._reading = False
-                    for frames in received:
-                        self._route(frames)
+                    self._drop_forgotten()
+                    for event, replies in read:
+                        self._tracker.take(event, replies)
                     self._state.notify_all()
+            self._flush()  # what the replies called for: an auth, resent requests
 
-    def _read_socket(self, wait: float, received: list[list[bytes]]) -> None:
-        """Append every message ready within `wait` seconds (holding the socket meanwhile)."""
+    def _read_socket(self, wait: float, read: list[tuple[int, list[Frames]]]) -> None:
+        """Append what is ready within `wait` seconds (holding the sockets meanwhile): monitor
+        events first, each with the replies ready when it was seen, then the other replies."""
         with self._sock_lock:
-            if self._closed or not self._sock.poll(_ms(wait), zmq.POLLIN):
+            if self._closed:
+                return
+            self._send_queued()
+            if not self._poller.poll(_ms(wait)):
                 return
             while True:
                 try:
-                    received.append(self._sock.recv_multipart(zmq.NOBLOCK))
+                    event = link_event(self._monitor.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
-                    return
+                    break
+                replies: list[Frames] = []
+                read.append((event, replies))
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._recv_all(replies)
+            replies = []
+            read.append((0, replies))
+            self._recv_all(replies)
 
-    def _route(self, frames: list[bytes]) -> None:
-        """File one reply under its request's id (called with _state held)."""
-        self._drop_forgotten()
-        try:
-            reply = wire.parse_client_frames(frames, MAX_REPLY_BYTES)
-        except ProtocolError:
-            return  # not a reply of this protocol; nothing could be waiting for it
-        request_id = reply.get("id")
-        if "id" not in reply and reply.get("op") == ERROR:
-            # The daemon could not read our request's id (e.g. too_large): the newest request
-            # still waiting for its first reply is the one it could not read.
-            request_id = max(self._unanswered, default=None)
-        if not isinstance(request_id, int):
-            return
-        box = self._boxes.get(request_id)
-        if box is not None:
-            box.append(reply)
-            self._unanswered.discard(request_id)
+    def _recv_all(self, replies: list[Frames]) -> None:
+        while True:
+            try:
+                replies.append(self._sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
 
     def _drop_forgotten(self) -> None:
         while self._forgotten:
             request_id = self._forgotten.popleft()
             self._boxes.pop(request_id, None)
-            self._unanswered.discard(request_id)
+            self._tracker.forget(request_id)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -454,6 +748,11 @@ class Client:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000 + 0.999))
+
+
+def nobody_answers(exc: BaseException | None, connected: bool) -> bool:
+    """Whether a request sent now, after `exc`, would only wait for its timeout."""
+    return isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionLost) and not connected)
 
 
 class Session:
@@ -479,7 +778,7 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.client.closed or isinstance(exc, TimeoutError):
+        if self.client.closed or nobody_answers(exc, self.client._connected):
             return  # nobody to tell, or nobody answering: do not wait a second timeout
         if exc is None:
             self.close()
@@ -518,7 +817,6 @@ class Generation(Iterator[str]):
 
     def __init__(self, session: Session, body: Body) -> None:
         self.session = session
-        self._body = body
         self._stream = TokenStream()
         self.request_id = session.client._start(body)
         # An abandoned generation must not keep collecting replies forever.
@@ -532,9 +830,6 @@ class Generation(Iterator[str]):
         try:
             while not self._stream.done:
                 reply = client._receive(self.request_id, client.timeout, "the next token")
-                if self._stream.next_seq == 0 and lost_auth(reply):
-                    self._restart()
-                    continue
                 piece = self._stream.feed(reply)
                 if piece is not None:
                     return piece
@@ -542,14 +837,6 @@ class Generation(Iterator[str]):
             if self._stream.done:
                 self._finalizer()
         raise StopIteration
-
-    def _restart(self) -> None:
-        """Authenticate again and resend the infer, which the daemon refused unread."""
-        client = self.session.client
-        self._finalizer()
-        client._authenticate()
-        self.request_id = client._start(self._body)
-        self._finalizer = weakref.finalize(self, client._forget, self.request_id)
 
     def __enter__(self) -> Generation:
         return self
@@ -562,7 +849,7 @@ class Generation(Iterator[str]):
     ) -> None:
         if exc is None:
             self.close()
-        elif not isinstance(exc, TimeoutError):
+        elif not nobody_answers(exc, self.session.client._connected):
             with contextlib.suppress(ProtocolError, TimeoutError, RuntimeError):
                 self.close()  # best effort: the error already on its way is the one to see
 

@@ -29,9 +29,10 @@ from inferencecenter.clients import (
     TooLarge,
     credentials,
 )
+from inferencecenter.clients.client import ConnectionLost
 from inferencecenter.protocol import clientsfile, wire
 
-from .conftest import Daemon, free_port
+from .conftest import Daemon, free_port, start_daemon, stop_daemon
 
 GREEDY: dict[str, Any] = {"temp": 0.0, "max_tokens": 16}
 STATS_KEYS = {"prompt_tokens", "cached_tokens", "tokens", "ttft_ms", "total_ms", "tps"}
@@ -122,24 +123,47 @@ def test_no_daemon_is_a_clear_timeout_not_a_hang() -> None:
     assert time.monotonic() - started < 5
 
 
+def test_a_stopped_daemon_is_a_clear_exception_within_the_timeout(tmp_path: Path) -> None:
+    """The daemon goes away under connected clients: their requests fail within the client's
+    timeout with a TimeoutError that says the connection dropped; nothing hangs."""
+    own = start_daemon(tmp_path)
+    timeout = 2.0
+    dropped = r"connection dropped .* is the daemon running"
+    try:
+        with Client(own.endpoint, own.client_id, own.api_key, timeout=timeout) as client:
+            session = client.create_session()
+
+            async def trio_client_sees_the_daemon_stop() -> None:
+                async with AsyncClient(
+                    own.endpoint, own.client_id, own.api_key, timeout=timeout
+                ) as async_client:
+                    assert await async_client.ping() > 0
+                    assert await trio.to_thread.run_sync(stop_daemon, own.process) == 0
+                    started = time.monotonic()
+                    with pytest.raises(TimeoutError, match=dropped):
+                        await async_client.ping()
+                    assert time.monotonic() - started < timeout + 1
+
+            trio.run(trio_client_sees_the_daemon_stop)
+            for attempt in (client.ping, lambda: next(session.infer("Hi", max_tokens=2))):
+                started = time.monotonic()
+                with pytest.raises(TimeoutError, match=dropped):
+                    attempt()
+                assert time.monotonic() - started < timeout + 1
+    finally:
+        stop_daemon(own.process)
+
+
 def test_client_authenticates_again_when_the_daemon_dropped_the_connection(
-    daemon: Daemon, creds: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    daemon: Daemon, creds: tuple[str, str]
 ) -> None:
     with Client(daemon.endpoint, *creds, timeout=2) as client:
-        authentications = 0
-        authenticate = client._authenticate
-
-        def counted(timeout: float | None = None) -> None:
-            nonlocal authentications
-            authentications += 1
-            authenticate(timeout)
-
-        monkeypatch.setattr(client, "_authenticate", counted)
         # A frame over the transport's hard cap (the fixture's daemon has the default limit):
         # the daemon drops this connection, ZeroMQ reconnects, and the daemon sees a new
-        # connection that has not authenticated.
+        # connection that has not authenticated. (Forgotten at once: resending it would only
+        # drop the connection again.)
         padding = "x" * wire.hard_cap(wire.DEFAULT_MAX_MESSAGE_BYTES)
-        client._send({"op": "ping", "padding": padding})
+        client._forget(client._start({"op": "ping", "padding": padding}))
 
         def pong() -> bool:
             try:
@@ -151,7 +175,7 @@ def test_client_authenticates_again_when_the_daemon_dropped_the_connection(
         wait_until(pong, "the connection to come back")
         with client.create_session() as session:
             assert session.infer("Hi", max_tokens=2).wait() is not None
-        assert authentications == 1
+        assert client._tracker.reauthentications == 1
 
 
 # ---- sessions and generations ------------------------------------------------------------
@@ -279,6 +303,10 @@ def test_list_sessions_and_stats(client: Client) -> None:
 # ---- what the real daemon seldom shows: a scripted peer ----------------------------------
 
 
+# In a script's answer: drop every connection here, then serve again (ScriptedDaemon.restart).
+CRASH: dict[str, Any] = {"op": "crash"}
+
+
 class ScriptedDaemon:
     """A ROUTER answering from a script, for client behaviour a healthy daemon rarely shows."""
 
@@ -299,7 +327,26 @@ class ScriptedDaemon:
                 request = wire.parse_client_frames(frames, 1 << 20)
                 self.seen.append(request["op"])
                 for reply in self.answer(request):
+                    if reply is CRASH:
+                        self.restart()
+                        break
                     self.sock.send_multipart([peer, *wire.client_frames(reply)])
+
+    def restart(self) -> None:
+        """As a daemon's gateway killed and started again: every connection drops, and the
+        same endpoint serves again (knowing no connection as authenticated)."""
+        self.sock.close(linger=0)
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        end = time.monotonic() + 5
+        while True:
+            try:
+                self.sock.bind(self.endpoint)
+                return
+            except zmq.ZMQError as exc:  # ZeroMQ's I/O thread frees the port a moment later
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > end:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         self.stop.set()
@@ -343,6 +390,113 @@ def test_client_reauthenticates_flags_lost_tokens_and_takes_id_less_errors() -> 
                 next(gap)
             with pytest.raises(TooLarge):
                 session.infer("big").wait()
+    finally:
+        scripted.close()
+
+
+Script = Callable[[dict[str, Any]], list[dict[str, Any]]]
+
+
+def crashing_script() -> tuple[Script, list[str]]:
+    """A daemon that crashes (ScriptedDaemon.restart) the first time it gets certain requests,
+    and the sessions it was asked to abort."""
+    crashed: set[str] = set()
+    aborted: list[str] = []
+
+    def once(what: str) -> bool:
+        """True the first time: crash on it."""
+        first = what not in crashed
+        crashed.add(what)
+        return first
+
+    def answer(request: dict[str, Any]) -> list[dict[str, Any]]:
+        op, request_id = request["op"], request.get("id")
+        session = {"id": request_id, "session_id": request.get("session_id")}
+        if op == "auth":
+            server = {"name": "scripted", "version": "0", "protocol": 1, "models": ["m"]}
+            success = {"client_id": "x", "max_sessions": 4, "priority": "normal", "server": server}
+            return [{"op": "auth_success", "id": request_id, **success}]
+        if op == "ping":
+            return [{"op": "pong", "id": request_id, "time": time.time()}]
+        if op == "close_session":
+            # The first copy closed the session, then the daemon died before answering.
+            if once("close"):
+                return [CRASH]
+            return [{"op": "error", **session, "code": "not_found", "message": "no session"}]
+        if op == "abort":
+            aborted.append(request["session_id"])
+            return [{"op": "aborted", **session}]
+        prompt = request.get("prompt")
+        if prompt == "lost before any token" and once(prompt):
+            return [CRASH]
+        if prompt == "running elsewhere" and once(prompt):
+            return [CRASH]
+        if prompt == "running elsewhere":  # the first copy runs, its stream went with the crash
+            return [{"op": "error", **session, "code": "busy", "message": "still generating"}]
+        if prompt == "cut off" and once(prompt):
+            return [{"op": "token", **session, "seq": 0, "content": "half"}, CRASH]
+        return [
+            {"op": "token", **session, "seq": 0, "content": "whole"},
+            {"op": "end", **session, "finish_reason": "stop", "stats": {"tokens": 1}},
+        ]
+
+    return answer, aborted
+
+
+def test_client_resends_what_a_crash_left_unanswered() -> None:
+    """After a reconnect: auth first, then every request without a reply, under its id."""
+    answer, aborted = crashing_script()
+    scripted = ScriptedDaemon(answer)
+    try:
+        with Client(scripted.endpoint, "x", "x-key-123456", timeout=1.5) as client:
+            session = client.session("s-1")
+            session.close()  # not_found for the resend: the first copy did it
+            assert scripted.seen == ["auth", "close_session", "auth", "close_session"]
+            assert client._tracker.reauthentications == 1
+
+            assert session.infer("lost before any token").wait() == "whole"
+
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost, match="did not come back"):
+                session.infer("running elsewhere").wait()
+            assert time.monotonic() - started < 1.5 + 1
+
+            cut_off = session.infer("cut off")
+            assert next(cut_off) == "half"
+            with pytest.raises(ConnectionLost, match="dropped"):
+                next(cut_off)
+            assert cut_off.finish_reason == "error" and cut_off.text == "half"
+            # Nobody can receive the rest: once connected again the client stops it.
+            wait_until(lambda: client.ping() > 0 and aborted == ["s-1"], "the abort", 5)
+            assert client._tracker.reauthentications == 4
+    finally:
+        scripted.close()
+
+
+def test_async_client_resends_what_a_crash_left_unanswered() -> None:
+    answer, aborted = crashing_script()
+    scripted = ScriptedDaemon(answer)
+
+    async def main() -> None:
+        async with AsyncClient(scripted.endpoint, "x", "x-key-123456", timeout=1.5) as client:
+            session = client.session("s-1")
+            await session.close()
+            assert scripted.seen == ["auth", "close_session", "auth", "close_session"]
+            assert await session.infer("lost before any token").wait() == "whole"
+            with pytest.raises(ConnectionLost, match="did not come back"):
+                await session.infer("running elsewhere").wait()
+            cut_off = session.infer("cut off")
+            assert await cut_off.__anext__() == "half"
+            with pytest.raises(ConnectionLost, match="dropped"):
+                await cut_off.__anext__()
+            assert cut_off.finish_reason == "error" and cut_off.text == "half"
+            with trio.fail_after(5):
+                while not aborted:
+                    await client.ping()
+            assert aborted == ["s-1"] and client._tracker.reauthentications == 4
+
+    try:
+        trio.run(main)
     finally:
         scripted.close()
 

@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from inferencecenter.clients import Client
+from inferencecenter.clients.client import ConnectionLost
 
 from .conftest import Daemon, RawClient, start_daemon, stop_daemon
 from .test_daemon import new_session, run_infer
@@ -83,6 +85,16 @@ def test_gateway_killed_client_library_reconnects(tmp_path: Path) -> None:
             generation = session.infer(prompt=" again", temp=0, max_tokens=8)
             assert "".join(generation) and generation.finish_reason == "length"
             assert generation.stats["cached_tokens"] > 0  # the engine kept the context
+            # A stream cut off in the middle cannot be resumed: it ends at once with an
+            # exception of its own, and the client goes on with a new connection.
+            streaming = session.infer(prompt=" Count:", max_tokens=200, ignore_eos=True)
+            assert next(streaming) is not None
+            killed = time.monotonic()
+            actor_process(daemon, "gateway").send_signal(signal.SIGKILL)
+            with pytest.raises(ConnectionLost, match="dropped"):
+                streaming.wait()
+            assert time.monotonic() - killed < 5.0 and streaming.finish_reason == "error"
+            assert session.session_id in {s["session_id"] for s in client.list_sessions()}
     finally:
         assert stop_daemon(daemon.process) == 0
 
