@@ -13,7 +13,7 @@ export FORCE_CMAKE := 1
 CUDA_STAMP := $(VENV)/.cuda-llama-cpp-python-$(LLAMA_CPP_PYTHON)
 endif
 
-.PHONY: install run test lint format bench llama-server clean
+.PHONY: install run test lint format bench llama-server loadtest soak clean
 
 $(STAMP): setup.cfg pyproject.toml | $(CUDA_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# Load and soak tests against a real daemon of their own (tests/load, docs/reliability.md): minutes
+# of work, so not part of `make test`. `make loadtest ARGS="--clients 16 --infers 5"`.
+SOAK_SECONDS ?= 600
+
+loadtest: install
+	$(PY) -m tests.load.loadtest $(ARGS)
+
+soak: install
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m tests.load.soak $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

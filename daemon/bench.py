@@ -1,21 +1,35 @@
-"""`inferencecenter bench`: the daemon against an in-process batched loop, side by side, in one run.
+"""`inferencecenter bench`: the daemon, an in-process batched loop and llama-server, side by side.
 
-Both decode the same model with the same threads and the same sampling (temp 0.8, fixed seeds,
-ignore_eos so every stream is exactly --tokens long). The in-process loop is the limit: one
-llama_decode per step over all sequences, no sockets, no processes. Figures are medians of
---runs repetitions; the two are measured alternately so the machine's noise hits both.
+All three decode the same model with the same threads and the same sampling (temp 0.8, fixed
+seeds, ignore_eos so every stream is exactly --tokens long). The in-process loop is the limit: one
+llama_decode per step over all sequences, no sockets, no processes. llama.cpp's own server
+(`--llama-server PATH`, see `make llama-server`) is the reference a user would otherwise run.
+Figures are medians of --runs repetitions; the three are measured interleaved, in a rotating
+order, so the machine's noise hits all alike.
+
+The stall scenario (`--stall`, on by default): seven streams generate through the daemon, then
+one client sends a ~2,000-token prompt; it reports how much longer the seven streams' largest
+inter-token gap is while that prompt is prefilled than their usual gap.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import itertools
 import json
 import os
+import platform
+import signal
+import socket as net
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +50,109 @@ PROMPTS = [
     "Write a letter to a friend about a trip.",
 ]
 
+# The same sampling for every system: the daemon's defaults, spelled out for llama-server.
+TEMP, TOP_K, TOP_P, MIN_P = 0.8, 40, 0.95, 0.05
 
-def _summary(
-    ttfts: list[float], per_stream_tps: list[float], tokens: int, wall: float
-) -> dict[str, float]:
-    ordered = sorted(ttfts)
-    return {
-        "aggregate_tps": tokens / wall,
-        "ttft_p50_ms": statistics.median(ordered) * 1000,
-        "ttft_p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
-        "slowest_fastest_ratio": min(per_stream_tps) / max(per_stream_tps),
-    }
+KINDS = ("daemon", "inprocess", "llama_server")
+LABELS = {"daemon": "daemon", "inprocess": "in-process", "llama_server": "llama-server"}
+SUMMARY_FIELDS = (
+    "aggregate_tps",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "slowest_stream_tps",
+    "fastest_stream_tps",
+    "slowest_fastest_ratio",
+)
+
+STALL_STREAMS = 7
+STALL_TOKENS = 256
+STALL_AFTER = 20  # tokens each of the seven has produced before the big prompt is sent
+STALL_PROMPT_TOKENS = 2000
+STALL_PARALLEL = 8
+STALL_CTX = 3072
+PARAGRAPH = (
+    "The old harbour town wakes slowly. Fishing boats come back before dawn, their decks "
+    "stacked with crates of silver fish, and the gulls follow them in, crying over the "
+    "water. On the quay the market opens: bakers carry warm bread, a woman sells lemons "
+    "and olives from a wooden cart, and children run between the stalls. By noon the sun "
+    "is high, the cafés are full, and the sea lies flat and bright under a pale sky. "
+)
 
 
-def run_inprocess(model: str, n: int, tokens: int, threads: int, ctx: int) -> dict[str, float]:
+# ---- one measurement ----------------------------------------------------------------------
+
+
+@dataclass
+class StreamTiming:
+    """When one stream's request was sent, and its first and last token arrived."""
+
+    sent: float = 0.0
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Measurement:
+    """The figures of N concurrent streams of one system, in one run."""
+
+    n: int
+    aggregate_tps: float  # N × tokens / (last token of any stream - first send)
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    slowest_stream_tps: float  # decode rate after the first token, of the slowest stream
+    fastest_stream_tps: float
+    slowest_fastest_ratio: float
+    ttfts_ms: list[float] = field(default_factory=list)
+    stream_tps: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_timings(cls, timings: Sequence[StreamTiming], tokens: int) -> Measurement:
+        for i, t in enumerate(timings):
+            if t.error or t.first is None or t.last is None:
+                raise RuntimeError(f"stream {i} did not finish: {t.error or 'no tokens'}")
+        started = min(t.sent for t in timings)
+        wall = max(_done(t.last) for t in timings) - started
+        ttfts = sorted((_done(t.first) - t.sent) * 1000 for t in timings)
+        rates = [(tokens - 1) / max(_done(t.last) - _done(t.first), 1e-9) for t in timings]
+        return cls(
+            n=len(timings),
+            aggregate_tps=len(timings) * tokens / wall,
+            ttft_p50_ms=statistics.median(ttfts),
+            ttft_p99_ms=_percentile(ttfts, 0.99),
+            slowest_stream_tps=min(rates),
+            fastest_stream_tps=max(rates),
+            slowest_fastest_ratio=min(rates) / max(rates),
+            ttfts_ms=ttfts,
+            stream_tps=rates,
+        )
+
+
+def _done(value: float | None) -> float:
+    assert value is not None
+    return value
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _medians(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in fields}
+
+
+# ---- in-process loop ----------------------------------------------------------------------
+
+
+def run_inprocess(model: str, n: int, tokens: int, threads: int, ctx: int) -> Measurement:
     from ..actors.engine.backend import BatchEntry, LlamaBackend
 
     backend = LlamaBackend(model, n_seq_max=n, n_ctx_seq=ctx, n_batch=512, n_threads=threads)
     try:
         prompts = [backend.tokenize(PROMPTS[i % len(PROMPTS)], add_bos=True) for i in range(n)]
         samplers = [
-            backend.new_sampler(SamplingParams(temp=0.8, seed=i, ignore_eos=True), p)
+            backend.new_sampler(SamplingParams(temp=TEMP, seed=i, ignore_eos=True), p)
             for i, p in enumerate(prompts)
         ]
         started = time.perf_counter()
@@ -69,7 +165,6 @@ def run_inprocess(model: str, n: int, tokens: int, threads: int, ctx: int) -> di
         backend.decode(entries)
         next_tokens = [samplers[s].sample(last_index[s]) for s in range(n)]
         first = time.perf_counter()
-        ttfts = [first - started] * n
         positions = [len(p) for p in prompts]
         for _ in range(tokens - 1):
             backend.decode([BatchEntry(next_tokens[s], positions[s], s, True) for s in range(n)])
@@ -77,80 +172,90 @@ def run_inprocess(model: str, n: int, tokens: int, threads: int, ctx: int) -> di
                 positions[s] += 1
                 next_tokens[s] = samplers[s].sample(s)
                 backend.token_bytes(next_tokens[s])
-        wall = time.perf_counter() - started
-        stream_tps = [(tokens - 1) / (wall - ttfts[0])] * n
+        last = time.perf_counter()
         for sampler in samplers:
             sampler.free()
-        return _summary(ttfts, stream_tps, n * tokens, wall)
+        timing = StreamTiming(sent=started, first=first, last=last, tokens=tokens)
+        return Measurement.from_timings([timing] * n, tokens)
     finally:
         backend.close()
 
 
+def count_tokens(model: str, text: str) -> int:
+    """Tokens of text as a prompt (with BOS), from the model's own tokenizer."""
+    from ..actors.engine.backend import LlamaBackend
+
+    backend = LlamaBackend(model, n_seq_max=1, n_ctx_seq=64, n_batch=64, n_threads=1)
+    try:
+        return len(backend.tokenize(text, add_bos=True))
+    finally:
+        backend.close()
+
+
+# ---- the daemon ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with net.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 class DaemonUnderTest:
-    """A real `inferencecenter serve` on free ports, with its own clients file."""
+    """A real `inferencecenter serve` on free ports, with its own clients file (`extra`: more
+    `serve` flags)."""
 
-    def __init__(self, model: str, parallel: int, threads: int, ctx: int) -> None:
-        import socket as net
-
+    def __init__(
+        self, model: str, parallel: int, threads: int, ctx: int, extra: Sequence[str] = ()
+    ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="ic-bench-"))
         self.key = "bench-key-" + os.urandom(8).hex()
         clients = self.tmp / "clients.json"
-        clients.write_text(
-            json.dumps(
-                {
-                    "clients": [
-                        {
-                            "client_id": "bench",
-                            "api_key": self.key,
-                            "max_sessions": 256,
-                            "priority": "normal",
-                        }
-                    ]
-                }
-            )
-        )
-        ports = []
-        for _ in range(2):
-            with net.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                ports.append(probe.getsockname()[1])
-        self.endpoint = f"tcp://127.0.0.1:{ports[0]}"
+        client = {
+            "client_id": "bench",
+            "api_key": self.key,
+            "max_sessions": 256,
+            "priority": "normal",
+        }
+        clients.write_text(json.dumps({"clients": [client]}))
+        port, metrics_port = _free_port(), _free_port()
+        self.endpoint = f"tcp://127.0.0.1:{port}"
         self.log = open(self.tmp / "daemon.log", "wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "inferencecenter.daemon",
-                "serve",
-                "--model",
-                model,
-                "--port",
-                str(ports[0]),
-                "--metrics-port",
-                str(ports[1]),
-                "--clients",
-                str(clients),
-                "--parallel",
-                str(parallel),
-                "--threads",
-                str(threads),
-                "--ctx-size",
-                str(ctx),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        command = [sys.executable, "-m", "inferencecenter.daemon", "serve", "--model", model]
+        command += ["--port", str(port), "--metrics-port", str(metrics_port)]
+        command += ["--clients", str(clients), "--parallel", str(parallel)]
+        command += ["--threads", str(threads), "--ctx-size", str(ctx), *extra]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         sock = self.connect()
         sock.send_multipart(wire.client_frames({"op": "ping"}))
         if not sock.poll(300_000):
+            self.stop()
             raise RuntimeError("the daemon did not start; see " + str(self.tmp / "daemon.log"))
         sock.close()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One short generation, so no measurement pays for first-use costs (llama-server warms
+        up on its own at start)."""
+        (stream,) = self.open_sessions(1)
+        stream.infer(PROMPTS[0], seed=0, max_tokens=8)
+        _pump([stream], lambda: stream.ended)
+        stream.close()
 
     def connect(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         return sock
+
+    def open_sessions(self, n: int) -> list[DaemonStream]:
+        streams = []
+        for _ in range(n):
+            sock = self.connect()
+            _request(sock, {"op": "auth", "client_id": "bench", "api_key": self.key})
+            streams.append(DaemonStream(sock, _request(sock, {"op": "create_session"})))
+        return streams
 
     def stop(self) -> None:
         self.process.terminate()
@@ -160,118 +265,482 @@ class DaemonUnderTest:
 
 def _request(sock: zmq.Socket[Any], body: dict[str, Any]) -> dict[str, Any]:
     sock.send_multipart(wire.client_frames(body))
-    return wire.unpack(sock.recv_multipart()[1])
+    reply = wire.unpack(sock.recv_multipart()[1])
+    if reply["op"] == "error":
+        raise RuntimeError(f"daemon error: {reply}")
+    return reply
 
 
-def run_daemon(daemon: DaemonUnderTest, n: int, tokens: int) -> dict[str, float]:
-    socks, sessions = [], []
-    for _ in range(n):
-        sock = daemon.connect()
-        _request(sock, {"op": "auth", "client_id": "bench", "api_key": daemon.key})
-        sessions.append(_request(sock, {"op": "create_session"})["session_id"])
-        socks.append(sock)
+class DaemonStream:
+    """One connection with one session; records when each token message of its infer arrives."""
+
+    def __init__(self, sock: zmq.Socket[Any], created: dict[str, Any]) -> None:
+        self.sock = sock
+        self.session_id: str = created["session_id"]
+        self.timing = StreamTiming()
+        self.token_times: list[float] = []
+        self.stats: dict[str, Any] = {}
+        self.ended = False
+
+    def infer(self, prompt: str, seed: int, max_tokens: int) -> None:
+        params = {"temp": TEMP, "seed": seed, "max_tokens": max_tokens, "ignore_eos": True}
+        body = {"op": "infer", "session_id": self.session_id, "prompt": prompt, "params": params}
+        self.timing.sent = time.perf_counter()
+        self.sock.send_multipart(wire.client_frames(body))
+
+    def receive(self) -> None:
+        """Take every message waiting on the socket."""
+        while int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            reply = wire.unpack(self.sock.recv_multipart()[1])
+            now = time.perf_counter()
+            if reply["op"] == "token":
+                self.token_times.append(now)
+                if self.timing.first is None:
+                    self.timing.first = now
+            elif reply["op"] == "end":
+                self.timing.last = now
+                self.timing.tokens = int(reply["stats"].get("tokens", 0))
+                self.stats = reply["stats"]
+                self.ended = True
+            elif reply["op"] == "error":
+                raise RuntimeError(f"daemon error: {reply}")
+
+    def close(self) -> None:
+        _request(self.sock, {"op": "close_session", "session_id": self.session_id})
+        self.sock.close()
+
+
+def _pump(streams: Sequence[DaemonStream], until: Callable[[], bool]) -> None:
+    """Receive on every stream until `until()` holds."""
     poller = zmq.Poller()
-    for sock in socks:
-        poller.register(sock, zmq.POLLIN)
-    index = {sock: i for i, sock in enumerate(socks)}
-    first: list[float | None] = [None] * n
-    last: list[float] = [0.0] * n
-    done = 0
-    started = time.perf_counter()
-    for i, sock in enumerate(socks):
-        params = {"temp": 0.8, "seed": i, "max_tokens": tokens, "ignore_eos": True}
-        sock.send_multipart(
-            wire.client_frames(
-                {
-                    "op": "infer",
-                    "session_id": sessions[i],
-                    "prompt": PROMPTS[i % len(PROMPTS)],
-                    "params": params,
-                }
+    by_socket = {s.sock: s for s in streams}
+    for stream in streams:
+        poller.register(stream.sock, zmq.POLLIN)
+    while not until():
+        ready = poller.poll(120_000)
+        if not ready:
+            raise RuntimeError("the daemon sent nothing for 120 s")
+        for sock, _ in ready:
+            by_socket[sock].receive()
+
+
+def run_daemon(daemon: DaemonUnderTest, n: int, tokens: int) -> Measurement:
+    streams = daemon.open_sessions(n)
+    try:
+        for i, stream in enumerate(streams):
+            stream.infer(PROMPTS[i % len(PROMPTS)], seed=i, max_tokens=tokens)
+        _pump(streams, lambda: all(s.ended for s in streams))
+        return Measurement.from_timings([s.timing for s in streams], tokens)
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+# ---- llama.cpp's server -------------------------------------------------------------------
+
+
+class LlamaServerUnderTest:
+    """`llama-server -np N` on a free port, with the same model, threads and context per slot."""
+
+    def __init__(self, binary: str, model: str, parallel: int, threads: int, ctx: int) -> None:
+        self.port = _free_port()
+        self.tmp = Path(tempfile.mkdtemp(prefix="ic-bench-llama-server-"))
+        self.log = open(self.tmp / "llama-server.log", "wb")
+        command = [binary, "-m", model, "-np", str(parallel), "-t", str(threads)]
+        command += ["-c", str(parallel * ctx), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_healthy(timeout=300)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return
+                conn.close()
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"llama-server did not become healthy; see {self.tmp}/llama-server.log")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def _completion_body(prompt: str, seed: int, tokens: int) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "n_predict": tokens,
+        "temperature": TEMP,
+        "top_k": TOP_K,
+        "top_p": TOP_P,
+        "min_p": MIN_P,
+        "repeat_penalty": 1.0,
+        "seed": seed,
+        "ignore_eos": True,
+        "cache_prompt": True,
+        "stream": True,
+    }
+
+
+def _stream_completion(
+    port: int, body: dict[str, Any], timing: StreamTiming, start: threading.Barrier
+) -> None:
+    """POST a streaming /completion and time its server-sent events (one per token)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        conn.connect()
+        payload = json.dumps(body)
+        start.wait()
+        timing.sent = time.perf_counter()
+        conn.request("POST", "/completion", payload, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+        for line in response:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            event = json.loads(line[6:])
+            now = time.perf_counter()
+            if event.get("stop"):
+                timing.last = now
+                break
+            timing.tokens += 1
+            if timing.first is None:
+                timing.first = now
+        conn.close()
+    except Exception as exc:  # reported by the caller, with the stream's number
+        timing.error = repr(exc)
+
+
+def run_llama_server(
+    binary: str, model: str, n: int, tokens: int, threads: int, ctx: int
+) -> Measurement:
+    server = LlamaServerUnderTest(binary, model, n, threads, ctx)
+    try:
+        timings = [StreamTiming() for _ in range(n)]
+        start = threading.Barrier(n)
+        workers = [
+            threading.Thread(
+                target=_stream_completion,
+                args=(server.port, _completion_body(PROMPTS[i % len(PROMPTS)], i, tokens)),
+                kwargs={"timing": timings[i], "start": start},
             )
+            for i in range(n)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        for timing in timings:
+            if timing.error is None and timing.tokens != tokens:
+                timing.error = f"{timing.tokens} token events, expected {tokens}"
+        return Measurement.from_timings(timings, tokens)
+    finally:
+        server.stop()
+
+
+# ---- the prefill stall --------------------------------------------------------------------
+
+
+@dataclass
+class StallResult:
+    """How the seven streams' inter-token gaps grow while a long prompt is prefilled."""
+
+    prompt_tokens: int
+    prefill_ms: float  # from sending the long prompt to its first token
+    median_gap_ms: float  # the seven streams' gaps that do not overlap the prefill
+    max_gap_during_prefill_ms: float
+    ratio: float  # max_gap_during_prefill_ms / median_gap_ms (target: ≤ 3)
+
+
+def long_prompt(model: str, target: int = STALL_PROMPT_TOKENS) -> tuple[str, int]:
+    """A prompt of about `target` tokens (a paragraph repeated) and its exact token count."""
+    per_paragraph = count_tokens(model, PARAGRAPH * 10) / 10
+    text = PARAGRAPH * max(1, round(target / per_paragraph))
+    return text, count_tokens(model, text)
+
+
+def stall_gaps(
+    token_times: Sequence[Sequence[float]], window: tuple[float, float]
+) -> tuple[list[float], list[float]]:
+    """Inter-token gaps (s) of every stream, split into those outside the window and those that
+    overlap it (a gap overlaps when it ends after the window starts and starts before it ends)."""
+    outside: list[float] = []
+    inside: list[float] = []
+    begin, end = window
+    for times in token_times:
+        for a, b in itertools.pairwise(times):
+            (inside if b > begin and a < end else outside).append(b - a)
+    return outside, inside
+
+
+def run_stall(daemon: DaemonUnderTest, prompt: str) -> StallResult:
+    streams = daemon.open_sessions(STALL_STREAMS + 1)
+    generating, big = streams[:STALL_STREAMS], streams[STALL_STREAMS]
+    try:
+        for i, stream in enumerate(generating):
+            stream.infer(PROMPTS[i % len(PROMPTS)], seed=i, max_tokens=STALL_TOKENS)
+        _pump(generating, lambda: all(len(s.token_times) >= STALL_AFTER for s in generating))
+        big.infer(prompt, seed=99, max_tokens=1)
+        _pump(streams, lambda: all(s.ended for s in streams))
+        if any(s.timing.tokens != STALL_TOKENS for s in generating):
+            raise RuntimeError("a stream of the stall scenario ended early")
+        if big.timing.first is None and big.timing.last is None:
+            raise RuntimeError("the long prompt got no reply")
+        prefill_end = big.timing.first or _done(big.timing.last)
+        outside, inside = stall_gaps(
+            [s.token_times for s in generating], (big.timing.sent, prefill_end)
         )
-    while done < n:
-        for sock, _ in poller.poll(60_000):
-            i = index[sock]
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                reply = wire.unpack(sock.recv_multipart()[1])
-                now = time.perf_counter()
-                if reply["op"] == "token" and first[i] is None:
-                    first[i] = now
-                elif reply["op"] == "end":
-                    last[i] = now
-                    done += 1
-                elif reply["op"] == "error":
-                    raise RuntimeError(f"daemon error: {reply}")
-    wall = max(last) - started
-    ttfts = [(f or started) - started for f in first]
-    stream_tps = [(tokens - 1) / (last[i] - (first[i] or started)) for i in range(n)]
-    for sock, session_id in zip(socks, sessions, strict=False):
-        _request(sock, {"op": "close_session", "session_id": session_id})
-        sock.close()
-    return _summary(ttfts, stream_tps, n * tokens, wall)
+        median_gap = statistics.median(outside) * 1000
+        max_gap = max(inside, default=0.0) * 1000
+        return StallResult(
+            prompt_tokens=int(big.stats.get("prompt_tokens", 0)),
+            prefill_ms=(prefill_end - big.timing.sent) * 1000,
+            median_gap_ms=median_gap,
+            max_gap_during_prefill_ms=max_gap,
+            ratio=max_gap / median_gap,
+        )
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+
+def median_table(
+    results: dict[str, dict[int, list[dict[str, Any]]]], streams: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Per N: each system's medians over the runs, and the daemon's throughput ratios."""
+    table = []
+    for n in streams:
+        row: dict[str, Any] = {"n": n}
+        for kind, by_n in results.items():
+            if by_n.get(n):
+                row[kind] = _medians(by_n[n], SUMMARY_FIELDS)
+        daemon_tps = row["daemon"]["aggregate_tps"]
+        for kind in ("inprocess", "llama_server"):
+            if kind in row:
+                row[f"daemon_over_{kind}"] = daemon_tps / row[kind]["aggregate_tps"]
+        table.append(row)
+    return table
+
+
+def _cell(row: dict[str, Any], kind: str, key: str, spec: str = ".1f") -> str:
+    return format(row[kind][key], spec) if kind in row else "-"
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    return format(row[key], ".3f") if key in row else "-"
+
+
+def print_table(table: Sequence[dict[str, Any]]) -> None:
+    print("aggregate tokens/s (medians)")
+    print(
+        f"{'N':>3} {'daemon':>8} {'in-proc':>8} {'llama-srv':>9} "
+        f"{'d/in-proc':>9} {'d/llama-srv':>11}"
+    )
+    for row in table:
+        print(
+            f"{row['n']:>3} {_cell(row, 'daemon', 'aggregate_tps'):>8} "
+            f"{_cell(row, 'inprocess', 'aggregate_tps'):>8} "
+            f"{_cell(row, 'llama_server', 'aggregate_tps'):>9} "
+            f"{_ratio(row, 'daemon_over_inprocess'):>9} "
+            f"{_ratio(row, 'daemon_over_llama_server'):>11}"
+        )
+    print("\nlatency and fairness (medians): TTFT p50 / p99 ms, slowest/fastest stream rate")
+    print(
+        f"{'N':>3} {'system':<13} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'slow tok/s':>10} {'slow/fast':>9}"
+    )
+    for row in table:
+        for kind in KINDS:
+            if kind in row:
+                print(
+                    f"{row['n']:>3} {LABELS[kind]:<13} {_cell(row, kind, 'ttft_p50_ms'):>9} "
+                    f"{_cell(row, kind, 'ttft_p99_ms'):>9} "
+                    f"{_cell(row, kind, 'slowest_stream_tps'):>10} "
+                    f"{_cell(row, kind, 'slowest_fastest_ratio', '.2f'):>9}"
+                )
+
+
+def print_stall(median: dict[str, float]) -> None:
+    print(
+        f"\nprefill stall ({STALL_STREAMS} streams, one {median['prompt_tokens']:.0f}-token "
+        f"prompt, --parallel {STALL_PARALLEL}; medians): usual gap {median['median_gap_ms']:.1f} "
+        f"ms, largest gap during the prefill {median['max_gap_during_prefill_ms']:.1f} ms, "
+        f"ratio {median['ratio']:.2f} (target ≤ 3); prefill {median['prefill_ms']:.0f} ms"
+    )
+
+
+def _require_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot(table: Sequence[dict[str, Any]], path: Path) -> None:
+    """Two panels against N: aggregate tokens/s and TTFT p50, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind in KINDS:
+        rows = [row for row in table if kind in row]
+        if not rows:
+            continue
+        ns = [row["n"] for row in rows]
+        left.plot(ns, [r[kind]["aggregate_tps"] for r in rows], marker="o", label=LABELS[kind])
+        right.plot(ns, [r[kind]["ttft_p50_ms"] for r in rows], marker="o", label=LABELS[kind])
+    for axis, title, unit in (
+        (left, "aggregate throughput", "tokens/s"),
+        (right, "time to first token (p50)", "ms"),
+    ):
+        axis.set_title(title)
+        axis.set_xlabel("concurrent streams N")
+        axis.set_ylabel(unit)
+        axis.set_xticks([row["n"] for row in table])
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ---- the command --------------------------------------------------------------------------
+
+
+def _measure_all(
+    args: argparse.Namespace, model: str, threads: int, streams: Sequence[int]
+) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """Every run of every N of every system, interleaved, the order rotating from run to run."""
+    kinds = [k for k in KINDS if k != "llama_server" or args.llama_server]
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {k: {} for k in kinds}
+    daemon = DaemonUnderTest(model, max(streams), threads, args.ctx_size)
+    measure: dict[str, Callable[[int], Measurement]] = {
+        "daemon": lambda n: run_daemon(daemon, n, args.tokens),
+        "inprocess": lambda n: run_inprocess(model, n, args.tokens, threads, args.ctx_size),
+        "llama_server": lambda n: run_llama_server(
+            args.llama_server, model, n, args.tokens, threads, args.ctx_size
+        ),
+    }
+    try:
+        for run in range(args.runs):
+            order = kinds[run % len(kinds) :] + kinds[: run % len(kinds)]
+            for n in streams:
+                for kind in order:
+                    m = measure[kind](n)
+                    results[kind].setdefault(n, []).append(asdict(m))
+                    print(
+                        f"run {run + 1}/{args.runs} N={n} {LABELS[kind]}: "
+                        f"{m.aggregate_tps:.1f} tok/s, TTFT p50 {m.ttft_p50_ms:.0f} ms",
+                        file=sys.stderr,
+                    )
+    finally:
+        daemon.stop()
+    return results
+
+
+def _measure_stall(args: argparse.Namespace, model: str, threads: int) -> dict[str, Any]:
+    prompt, tokens = long_prompt(model)
+    daemon = DaemonUnderTest(model, STALL_PARALLEL, threads, STALL_CTX)
+    runs = []
+    try:
+        for run in range(args.runs):
+            result = asdict(run_stall(daemon, prompt))
+            runs.append(result)
+            print(f"stall run {run + 1}/{args.runs}: ratio {result['ratio']:.2f}", file=sys.stderr)
+    finally:
+        daemon.stop()
+    fields = ("prompt_tokens", "prefill_ms", "median_gap_ms", "max_gap_during_prefill_ms", "ratio")
+    return {"tokenized_prompt_tokens": tokens, "runs": runs, "median": _medians(runs, fields)}
 
 
 def bench(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     threads = args.threads or (os.cpu_count() or 1)
     streams = [int(x) for x in args.streams.split(",")]
-    parallel = max(streams)
-    results: dict[str, dict[int, list[dict[str, float]]]] = {"inprocess": {}, "daemon": {}}
-    daemon = DaemonUnderTest(model, parallel, threads, args.ctx_size)
-    try:
-        for run in range(args.runs):
-            for n in streams:
-                results["inprocess"].setdefault(n, []).append(
-                    run_inprocess(model, n, args.tokens, threads, args.ctx_size)
-                )
-                results["daemon"].setdefault(n, []).append(run_daemon(daemon, n, args.tokens))
-                print(f"run {run + 1}/{args.runs} N={n} done", file=sys.stderr)
-    finally:
-        daemon.stop()
-    table = []
-    print(
-        f"{'N':>3} {'in-process tok/s':>17} {'daemon tok/s':>13} {'ratio':>6} "
-        f"{'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'slow/fast':>9}"
-    )
-    for n in streams:
-        row: dict[str, Any] = {"n": n}
-        for kind in ("inprocess", "daemon"):
-            runs = results[kind][n]
-            row[kind] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        row["ratio"] = row["daemon"]["aggregate_tps"] / row["inprocess"]["aggregate_tps"]
-        table.append(row)
-        d = row["daemon"]
-        print(
-            f"{n:>3} {row['inprocess']['aggregate_tps']:>17.1f} {d['aggregate_tps']:>13.1f} "
-            f"{row['ratio']:>6.3f} {d['ttft_p50_ms']:>12.1f} {d['ttft_p99_ms']:>12.1f} "
-            f"{d['slowest_fastest_ratio']:>9.2f}"
-        )
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "model": model,
-                "threads": threads,
-                "tokens": args.tokens,
-                "runs": args.runs,
-                "median_of_runs": table,
-            },
-            indent=2,
+    if args.plot and not _require_matplotlib():
+        print(
+            "inferencecenter bench: matplotlib is missing (a bench-only dependency): "
+            "pip install -e '.[bench]' (make bench does it), or pass --no-plot",
+            file=sys.stderr,
         )
-    )
-    print(f"wrote {out}")
+        return 2
+    if args.llama_server and not os.access(args.llama_server, os.X_OK):
+        print(f"inferencecenter bench: {args.llama_server} is not an executable", file=sys.stderr)
+        return 2
+    # SIGTERM ends the bench through the `finally`s that stop the daemon and llama-server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results = _measure_all(args, model, threads, streams)
+    stall = _measure_stall(args, model, threads) if args.stall else None
+    table = median_table(results, streams)
+    print_table(table)
+    if stall:
+        print_stall(stall["median"])
+    report = {
+        "model": model,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "threads": threads,
+        "tokens": args.tokens,
+        "ctx_size": args.ctx_size,
+        "runs": args.runs,
+        "llama_server": args.llama_server,
+        "median_of_runs": table,
+        "stall": stall,
+        "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+    if args.plot:
+        png = out.with_suffix(".png")
+        plot(table, png)
+        print(f"wrote {png}")
     return 0
 
 
 def add_bench_command(commands: Any) -> None:
-    parser = commands.add_parser("bench", help="measure the daemon against an in-process loop")
+    parser = commands.add_parser(
+        "bench", help="measure the daemon against an in-process loop and llama-server"
+    )
     parser.add_argument("--model", help="GGUF model (default: the gemma package's)")
-    parser.add_argument("--streams", default="1,4,8", help="comma-separated stream counts")
+    parser.add_argument("--streams", default="1,4,8,16", help="comma-separated stream counts")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (medians are reported)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
-    parser.add_argument("--ctx-size", type=int, default=1024)
-    parser.add_argument("--output", default="bench-results/bench.json")
+    parser.add_argument("--ctx-size", type=int, default=1024, help="context per stream")
+    parser.add_argument("--llama-server", metavar="PATH", help="also measure this llama-server")
+    parser.add_argument(
+        "--stall",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the stall a long prompt causes to 7 generating streams",
+    )
+    parser.add_argument(
+        "--plot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write a PNG next to --output (needs matplotlib)",
+    )
+    parser.add_argument("--output", default="bench-results/bench.json", help="JSON results")
     parser.set_defaults(func=bench)

@@ -77,3 +77,12 @@ def test_unknown_priority_counts_as_normal() -> None:
 def test_prefill_order_uses_priority_then_arrival() -> None:
     jobs = [("n1", "normal", 0.0), ("l1", "low", 0.0), ("h1", "high", 1.0), ("n2", "normal", 0.5)]
     assert prefill_order(jobs, now=1.0) == ["h1", "n1", "n2", "l1"]
+
+
+def test_ordered_lists_best_first_without_removing() -> None:
+    queue: WaitQueue[str] = WaitQueue(limit=10)
+    queue.push("low", "low", now=0.0)
+    queue.push("high", "high", now=1.0)
+    queue.push("normal", "normal", now=2.0)
+    assert queue.ordered(now=2.0) == ["high", "normal", "low"]
+    assert len(queue) == 3

@@ -60,6 +60,14 @@ class WaitQueue(Generic[T]):
             key=lambda e: (effective_rank(e.priority, now - e.arrived, self.aging_s), e.arrived),
         )
 
+    def ordered(self, now: float) -> list[T]:
+        """Everything waiting, best effective rank first."""
+        ranked = sorted(
+            self._entries,
+            key=lambda e: (effective_rank(e.priority, now - e.arrived, self.aging_s), e.arrived),
+        )
+        return [entry.item for entry in ranked]
+
     def peek(self, now: float) -> T | None:
         best = self._best(now)
         return best.item if best else None

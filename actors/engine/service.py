@@ -379,14 +379,13 @@ class Engine:
 
     def admit(self) -> None:
         """Move waiting jobs into slots, best effective priority first (the loop calls this)."""
-        while len(self.queue):
-            now = time.monotonic()
-            job = self.queue.peek(now)
-            assert job is not None
+        # Best first; a job that finds no slot does not hold up one whose session still owns
+        # its slot (all slots held by sessions with queued jobs would otherwise never run).
+        for job in self.queue.ordered(time.monotonic()):
             slot = self.free_slot_for(job.session)
             if slot is None:
-                return
-            self.queue.pop(now)
+                continue
+            self.queue.remove(job)
             self.bind_slot(job.session, slot)
             self.use_prefix(job, slot)
             job.sampler = self.backend.new_sampler(job.params, job.session.tokens)
