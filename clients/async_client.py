@@ -36,6 +36,7 @@ from .client import (
     Body,
     Frames,
     RequestTracker,
+    StreamView,
     TokenStream,
     auth_request,
     check_auth,
@@ -367,7 +368,7 @@ class AsyncSession:
         )
 
 
-class AsyncGeneration(AsyncIterator[str]):
+class AsyncGeneration(StreamView, AsyncIterator[str]):
     """The pieces of one `infer`, in order; `.stats` and `.finish_reason` are set at the end."""
 
     def __init__(self, session: AsyncSession, body: Body) -> None:
@@ -391,23 +392,6 @@ class AsyncGeneration(AsyncIterator[str]):
             if self._stream.done:
                 self._finalizer()
         raise StopAsyncIteration
-
-    @property
-    def text(self) -> str:
-        """Everything received so far."""
-        return self._stream.text
-
-    @property
-    def stats(self) -> dict[str, Any] | None:
-        return self._stream.stats
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._stream.finish_reason
-
-    @property
-    def done(self) -> bool:
-        return self._stream.done
 
     async def wait(self) -> str:
         """Consume the rest of the stream and return the whole text."""

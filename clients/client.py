@@ -812,7 +812,30 @@ class Session:
         self.client._request({"op": "close_session", "session_id": self.session_id}, SESSION_CLOSED)
 
 
-class Generation(Iterator[str]):
+class StreamView:
+    """What a generation shows of its stream, the same for the sync and the trio client."""
+
+    _stream: TokenStream
+
+    @property
+    def text(self) -> str:
+        """Everything received so far."""
+        return self._stream.text
+
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        return self._stream.stats
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._stream.finish_reason
+
+    @property
+    def done(self) -> bool:
+        return self._stream.done
+
+
+class Generation(StreamView, Iterator[str]):
     """The pieces of one `infer`, in order; `.stats` and `.finish_reason` are set at the end."""
 
     def __init__(self, session: Session, body: Body) -> None:
@@ -852,23 +875,6 @@ class Generation(Iterator[str]):
         elif not nobody_answers(exc, self.session.client._connected):
             with contextlib.suppress(ProtocolError, TimeoutError, RuntimeError):
                 self.close()  # best effort: the error already on its way is the one to see
-
-    @property
-    def text(self) -> str:
-        """Everything received so far."""
-        return self._stream.text
-
-    @property
-    def stats(self) -> dict[str, Any] | None:
-        return self._stream.stats
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._stream.finish_reason
-
-    @property
-    def done(self) -> bool:
-        return self._stream.done
 
     def wait(self) -> str:
         """Consume the rest of the stream and return the whole text."""
