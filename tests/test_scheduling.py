@@ -146,6 +146,91 @@ def test_sessions_with_the_same_system_prompt_share_its_kv(tmp_path: Path) -> No
         assert stop_daemon(daemon.process) == 0
 
 
+def test_padding_rows_leave_an_idle_session_intact(tmp_path: Path) -> None:
+    """Five streams on eight slots are decoded as eight rows: throw-away tokens in two free
+    slots and in the idle session's slot, after its KV, removed after each step. That session
+    then goes on from its kept KV exactly as a session never padded."""
+    daemon = start_daemon(tmp_path, "--parallel", "8", "--batch-padding", "on")
+    try:
+        client = client_for(daemon, "bob", daemon.other_api_key)
+        params = {"temp": 0, "max_tokens": 12, "ignore_eos": True}
+        idle = new_session(client)
+        run_infer(client, idle, prompt="Alice has a red bicycle.", params=params)
+        busy = [new_session(client) for _ in range(5)]
+        for index, session_id in enumerate(busy):
+            client.send(
+                {
+                    "op": "infer",
+                    "id": f"busy{index}",
+                    "session_id": session_id,
+                    "prompt": f"Tell me about rain, part {index}.",
+                    "params": {"max_tokens": 32, "ignore_eos": True},
+                }
+            )
+        for index in range(5):
+            assert client.stream(f"busy{index}")[1]["finish_reason"] == "length"
+        assert client.request({"op": "stats"})["inference"]["padded_steps"] > 0
+        resumed, end = run_infer(client, idle, prompt=" Her bicycle is", params=params)
+        assert end["stats"]["cached_tokens"] > 12  # its KV stayed in the slot
+        for session_id in busy:
+            client.request({"op": "close_session", "session_id": session_id})
+        reference = new_session(client)
+        run_infer(client, reference, prompt="Alice has a red bicycle.", params=params)
+        expected, _ = run_infer(client, reference, prompt=" Her bicycle is", params=params)
+        assert resumed == expected
+    finally:
+        assert stop_daemon(daemon.process) == 0
+
+
+def test_long_prompt_is_prefilled_between_the_streams_steps(tmp_path: Path) -> None:
+    """A 1,500-token prompt arriving while three streams generate is prefilled in chunks that
+    alternate with the streams' steps: every stream keeps producing tokens meanwhile. (One
+    connection for all, so the replies' order is the order the daemon sent them in.)"""
+    daemon = start_daemon(
+        tmp_path, "--parallel", "4", "--prefill-chunk", "64", "--ctx-size", "2048"
+    )
+    try:
+        client = client_for(daemon, "bob", daemon.other_api_key)
+        streams = [new_session(client) for _ in range(3)]
+        long_session = new_session(client)
+        for index, session_id in enumerate(streams):
+            client.send(
+                {
+                    "op": "infer",
+                    "id": f"s{index}",
+                    "session_id": session_id,
+                    "prompt": f"Story {index}:",
+                    "params": LONG,
+                }
+            )
+        for index in range(3):
+            assert client.recv_for(f"s{index}")["op"] == "token"
+        prompt = "The harbour wakes slowly and the boats come back. " * 140
+        client.send(
+            {
+                "op": "infer",
+                "id": "long",
+                "session_id": long_session,
+                "prompt": prompt,
+                "params": {"max_tokens": 1},
+            }
+        )
+        during = {f"s{index}": 0 for index in range(3)}
+        while True:
+            reply = client.recv()
+            if reply.get("id") == "long" and reply["op"] in ("end", "error"):
+                break
+            if reply.get("id") in during and reply["op"] == "token":
+                during[reply["id"]] += 1
+        assert reply["op"] == "end" and reply["stats"]["prompt_tokens"] > 1400, reply
+        # 64-token chunks: over 20 prompt steps, each followed by one of the streams.
+        assert min(during.values()) >= 15, during
+        for session_id in streams:
+            client.request({"op": "abort", "session_id": session_id})
+    finally:
+        assert stop_daemon(daemon.process) == 0
+
+
 def test_two_hundred_sessions_with_bounded_memory(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path, "--parallel", "4", "--session-cache-mb", "16")
     clients = daemon.clients_path

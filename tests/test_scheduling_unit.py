@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from inferencecenter.actors.engine.scheduling import (
     AGING_S,
+    StepCostModel,
     WaitQueue,
     effective_rank,
+    padded_rows,
     prefill_order,
 )
 
@@ -86,3 +88,67 @@ def test_ordered_lists_best_first_without_removing() -> None:
     queue.push("normal", "normal", now=2.0)
     assert queue.ordered(now=2.0) == ["high", "normal", "low"]
     assert len(queue) == 3
+
+
+# ---- the step cost model (synthetic step times) ----
+
+
+def _decode_ms(rows: int) -> float:
+    """Like the CPU measured here: some row counts are much faster than their neighbours."""
+    return {1: 11.0, 2: 24.0, 3: 31.0, 4: 35.0, 5: 50.0, 6: 55.0, 7: 61.0, 8: 43.0}[rows]
+
+
+def _trained() -> StepCostModel:
+    model = StepCostModel()
+    for rows in (1, 2, 4, 8, 7, 3, 8, 8, 1, 7, 7):
+        model.observe(rows, 0, _decode_ms(rows))
+    for tokens in (64, 32, 100):
+        model.observe(1, tokens - 1, 1.2 * tokens)
+    return model
+
+
+def test_cost_model_learns_steps_by_rows_and_prompt_tokens() -> None:
+    model = _trained()
+    assert abs(model.rows_cost(7) - 61.0) < 1.0
+    assert abs(model.rows_cost(8) - 43.0) < 1.0
+    assert model.token_ms is not None and abs(model.token_ms - 1.2) < 0.05
+
+
+def test_cost_model_fits_a_chunk_into_the_budget() -> None:
+    model = _trained()
+    take = model.prompt_tokens_within(60.0, 2000)
+    assert take == 50
+    assert model.prompt_cost(take) <= 60.0
+    assert model.prompt_tokens_within(60.0, 20) == 20
+
+
+def test_cost_model_follows_a_prompt_that_gets_dearer() -> None:
+    model = _trained()
+    for _ in range(12):  # deep in a long prompt, attention makes each token dearer
+        model.observe(0, 60, 2.0 * 60)
+    assert model.token_ms is not None and abs(model.token_ms - 2.0) < 0.05
+
+
+def test_cold_cost_model_leaves_the_token_cap_alone() -> None:
+    model = StepCostModel()
+    assert model.prompt_tokens_within(50.0, 128) == 128
+    model.observe(0, 4, 500.0)  # too few tokens to learn from
+    assert model.token_ms is None
+
+
+def test_padding_rounds_up_to_groups_of_four_when_slots_allow() -> None:
+    assert [padded_rows(rows, spare=8) for rows in range(1, 17)] == [
+        1, 2, 3, 4, 8, 8, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16
+    ]  # fmt: skip
+    assert padded_rows(7, spare=1) == 8
+    assert padded_rows(6, spare=1) == 6  # two spare slots needed, one idle
+    assert padded_rows(7, spare=0) == 7
+
+
+def test_cost_model_stays_sane_when_every_step_has_the_same_rows() -> None:
+    model = StepCostModel()
+    for _ in range(500):  # base and per-row cannot be told apart; the prediction must hold
+        model.observe(8, 0, 42.0)
+    assert abs(model.rows_cost(8) - 42.0) < 0.5
+    assert abs(model.base_ms + 8 * model.row_ms - 42.0) < 0.5
+    assert all(abs(v) < 1e6 for row in model._p for v in row)

@@ -260,6 +260,11 @@ class LlamaBackend:
         self._require_open()
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def seq_trim(self, seq_id: int, from_pos: int) -> bool:
+        """Drop the sequence's positions from `from_pos` on; False if llama.cpp refuses."""
+        self._require_open()
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq_id, from_pos, -1))
+
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest position held for the sequence, -1 when it is empty."""
         self._require_open()

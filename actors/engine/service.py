@@ -8,6 +8,7 @@ goes to host memory when another needs its slot and comes back when it is used a
 
 from __future__ import annotations
 
+import statistics
 import time
 from array import array
 from collections import OrderedDict, deque
@@ -31,7 +32,7 @@ from ..actor import (
 )
 from .backend import BatchEntry, DecodeError, LlamaBackend, Sampler
 from .chat import ChatRenderer
-from .scheduling import WaitQueue, prefill_order
+from .scheduling import PAD_GROUP, StepCostModel, WaitQueue, padded_rows, prefill_order
 from .text import TextStream
 
 log = EventLog("engine")
@@ -42,7 +43,13 @@ STATS_PERIOD_S = 1.0
 # prefill step takes them all instead of the first alone and the rest one step later.
 COALESCE_GAP_S = 0.002
 COALESCE_MAX_S = 0.015
-PREFIX_CACHE_ENTRIES = 8  # evaluated system prompts kept as sequence state
+PREFIX_CACHE_ENTRIES = 8
+# A chunked prompt advances at least this much per step, however many streams generate.
+MIN_PREFILL_TOKENS = 16
+# While others wait, a step with prompt chunks lasts up to --step-budget-ms or this many times a
+# step of the generating streams alone, whichever is longer: the streams' gap between tokens
+# grows by at most this factor while a long prompt is prefilled.
+STEP_STRETCH = 2.5  # evaluated system prompts kept as sequence state
 
 
 def _tokens() -> array[int]:
@@ -101,8 +108,10 @@ class Engine:
         backend: LlamaBackend,
         sessions_link: ActorLink | None = None,
         monitor: ActorLink | None = None,
+        pad_batches: bool = False,
     ) -> None:
         self.config = config
+        self.pad_batches = pad_batches
         self.sessions_link = sessions_link
         self.monitor = monitor
         self.backend = backend
@@ -111,6 +120,13 @@ class Engine:
         self.slots: list[Session | None] = [None] * backend.n_seq_max
         self.queue: WaitQueue[Job] = WaitQueue(config.max_queue)
         self.prefill_chunk = config.prefill_chunk
+        self.step_budget_ms = config.step_budget_ms
+        self.step_cost = StepCostModel()
+        self.last_step_pads = 0
+        self.padded_steps = 0
+        self.last_decode_ms = 0.0  # the last step of generating streams alone
+        self.prompt_turn = False  # the last step was prompts only, while streams waited
+        self.burst_rest: set[int] = set()  # ids of a burst's jobs left for the next step
         self.cache_limit = config.session_cache_mb * 2**20
         self.saved_bytes = 0  # sequence states of evicted sessions, in host memory
         self.prefix_cache: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
@@ -445,23 +461,80 @@ class Engine:
                 return
 
     def build_batch(self) -> tuple[list[BatchEntry], list[tuple[Job, int, int]]]:
-        """Next token of every generating job, then prompt chunks, within n_batch tokens.
-        Returns the entries and, per job, (job, tokens it adds, batch index of its logits or -1)."""
-        budget = self.backend.n_batch
+        """The next step: the next token of every generating job and/or chunks of pending
+        prompts (within n_batch tokens). Returns the entries and, per job, (job, tokens it adds,
+        batch index of its logits or -1).
+
+        Streams generating keep their gap between tokens within a time budget (STEP_STRETCH ×
+        their own step, at least --step-budget-ms), by the step cost model. Prompts that fit in
+        it join their step; a longer one gets steps of its own, alternating with theirs, each a
+        chunk that fits (a batch mixing a long chunk with the streams costs more than the two
+        apart here: with a KV stream per sequence llama.cpp splits it into a ubatch of one token
+        per sequence, which cannot be padded, and one of the rest). A burst of prompts with
+        nothing generating: the first step takes more than half of them (at least what fits in
+        --step-budget-ms), so the median first token comes a step earlier; the rest join the
+        next step whole, so that the streams of a burst run in step."""
+        generating = [
+            j for j in self.active if j.state == "generating" and j.next_token is not None
+        ]
+        waiting = prefill_order(
+            [(j, j.priority, j.t_arrival) for j in self.active if j.state == "prefill"],
+            time.monotonic(),
+        )
+        rows = []
+        for job in generating:
+            assert job.session.slot is not None and job.next_token is not None
+            rows.append(BatchEntry(job.next_token, job.session.n_past, job.session.slot, True))
+        rows_plan = [(job, 1, index) for index, job in enumerate(generating)]
+        if not waiting or not generating:
+            self.prompt_turn = False
+        if not waiting:
+            return rows, rows_plan
+        if not generating:
+            if len(waiting) == 1:
+                return self.prompt_chunks(waiting, self.backend.n_batch, None)
+            first = waiting[: len(waiting) // 2 + 1]
+            budget = max(self.step_budget_ms, self.step_cost.prompt_cost(self.remaining(first)))
+            entries, plan = self.prompt_chunks(waiting, self.prefill_chunk, budget)
+            done = {id(job) for job, _, index in plan if index >= 0}
+            self.burst_rest = {id(job) for job in waiting if id(job) not in done}
+            return entries, plan
+        burst_rest = all(id(job) in self.burst_rest for job in waiting)
+        self.burst_rest = set()
+        if self.prompt_turn:  # the streams waited for a prompt step: theirs comes now
+            self.prompt_turn = False
+            return rows, rows_plan
+        alone_ms = self.step_cost.rows_cost(self.decode_rows(len(rows), PAD_GROUP))
+        cycle_ms = max(self.step_budget_ms, STEP_STRETCH * alone_ms)
+        left_ms = cycle_ms - self.step_cost.rows_cost(len(rows))
+        remaining = self.remaining(waiting)
+        if remaining <= self.backend.n_batch - len(rows) and (
+            burst_rest
+            or (
+                self.step_cost.token_ms is not None
+                and self.step_cost.prompt_cost(remaining) <= left_ms
+            )
+        ):
+            entries, plan = self.prompt_chunks(waiting, remaining, None, offset=len(rows))
+            return rows + entries, rows_plan + plan
+        self.prompt_turn = True
+        # The streams' step just done (unpadded when every slot is busy) plus this one.
+        return self.prompt_chunks(
+            waiting, self.prefill_chunk, cycle_ms - max(alone_ms, self.last_decode_ms)
+        )
+
+    @staticmethod
+    def remaining(jobs: list[Job]) -> int:
+        return sum(len(job.session.tokens) - job.session.n_past for job in jobs)
+
+    def prompt_chunks(
+        self, jobs: list[Job], room: int, time_left: float | None, offset: int = 0
+    ) -> tuple[list[BatchEntry], list[tuple[Job, int, int]]]:
+        """Chunks of these prompts, in this order, within `room` tokens and (when given) the
+        time the step cost model says fits; at least MIN_PREFILL_TOKENS so prompts progress."""
         entries: list[BatchEntry] = []
         plan: list[tuple[Job, int, int]] = []
-        for job in self.active:
-            if job.state == "generating" and job.next_token is not None:
-                session = job.session
-                assert session.slot is not None
-                entries.append(BatchEntry(job.next_token, session.n_past, session.slot, True))
-                plan.append((job, 1, len(entries) - 1))
-        if entries:  # streams are generating: keep this step short (chunked prefill)
-            budget = min(budget, len(entries) + self.prefill_chunk)
-        now = time.monotonic()
-        waiting = [(j, j.priority, j.t_arrival) for j in self.active if j.state == "prefill"]
-        for job in prefill_order(waiting, now):
-            room = budget - len(entries)
+        for job in jobs:
             if room <= 0:
                 break
             session = job.session
@@ -469,24 +542,78 @@ class Engine:
             start = session.n_past
             end = job.prefix_end if job.prefix_end > start else len(session.tokens)
             take = min(room, end - start)
+            if time_left is not None:
+                fitting = self.step_cost.prompt_tokens_within(time_left, take)
+                take = fitting if fitting > 0 or plan else min(take, MIN_PREFILL_TOKENS)
+                if take <= 0:
+                    break
+                time_left -= self.step_cost.prompt_cost(take)
+            room -= take
             last = start + take == len(session.tokens)
             slot = session.slot
             for pos in range(start, start + take):
                 entries.append(BatchEntry(session.tokens[pos], pos, slot, False))
             if last:
                 entries[-1] = BatchEntry(session.tokens[-1], start + take - 1, slot, True)
-            plan.append((job, take, len(entries) - 1 if last else -1))
+            plan.append((job, take, offset + len(entries) - 1 if last else -1))
         return entries, plan
 
+    def decode_rows(self, rows: int, spare: int) -> int:
+        return padded_rows(rows, spare) if self.pad_batches else rows
+
+    def padding(self, entries: list[BatchEntry]) -> list[tuple[int, int]]:
+        """Throw-away rows that make a decode-only step faster (see padded_rows): (slot,
+        position) in slots whose session is not generating, appended after its KV and removed
+        after the step; nearest the generating slots first, since llama.cpp's attention spans
+        the range of sequences in a batch."""
+        rows = len(entries)
+        if not self.pad_batches or rows <= PAD_GROUP:
+            return []
+        spare = [
+            (index, 0 if holder is None or holder.clear_slot else holder.n_past)
+            for index, holder in enumerate(self.slots)
+            if holder is None or (holder.job is None and holder.n_past < self.n_ctx - 1)
+        ]
+        wanted = self.decode_rows(rows, len(spare)) - rows
+        if wanted <= 0:
+            return []
+        low = min(entry.seq_id for entry in entries)
+        high = max(entry.seq_id for entry in entries)
+        spare.sort(key=lambda pad: max(low - pad[0], pad[0] - high, 0))
+        return spare[:wanted]
+
     def decode_and_sample(
-        self, entries: list[BatchEntry], sample_at: list[tuple[Sampler, int]]
-    ) -> list[int]:
+        self,
+        entries: list[BatchEntry],
+        sample_at: list[tuple[Sampler, int]],
+        pads: list[tuple[int, int]],
+    ) -> tuple[list[int], list[int]]:
         """The worker thread's part of a step: ctypes releases the GIL in both, so the actor's
-        socket tasks keep running meanwhile."""
-        self.backend.decode(entries)
-        return [sampler.sample(index) for sampler, index in sample_at]
+        socket tasks keep running meanwhile. Returns the tokens and the slots whose padding
+        could not be removed (their KV must be rebuilt)."""
+        backend = self.backend
+        used = []
+        for slot, pos in pads:
+            if pos == 0:
+                backend.seq_clear(slot)
+            if backend.seq_pos_max(slot) == pos - 1:  # never a gap: llama.cpp would refuse
+                used.append((slot, pos))
+        if used:
+            token = entries[0].token
+            entries = entries + [BatchEntry(token, pos, slot, True) for slot, pos in used]
+        spoilt = []
+        try:
+            backend.decode(entries)
+        finally:
+            for slot, pos in used:
+                if not backend.seq_trim(slot, pos):
+                    spoilt.append(slot)
+        tokens = [sampler.sample(index) for sampler, index in sample_at]
+        self.last_step_pads = len(used)
+        return tokens, spoilt
 
     async def step(self) -> None:
+        started = time.perf_counter()
         for job in [j for j in self.active if j.aborted]:
             self.finish(job, "aborted")
         entries, plan = self.build_batch()
@@ -494,14 +621,26 @@ class Engine:
             return
         sampled = [(job, index) for job, _, index in plan if index >= 0 and job.sampler]
         sample_at = [(job.sampler, index) for job, index in sampled if job.sampler]
+        decode_only = all(job.state == "generating" for job, _, _ in plan)
+        pads = self.padding(entries) if decode_only else []
+        for slot, pos in pads:
+            holder = self.slots[slot]
+            if holder is not None and pos == 0:
+                holder.clear_slot = False  # emptied by the step
         self.decoding = True
         try:
-            tokens = await trio.to_thread.run_sync(self.decode_and_sample, entries, sample_at)
+            tokens, spoilt = await trio.to_thread.run_sync(
+                self.decode_and_sample, entries, sample_at, pads
+            )
         except DecodeError as exc:
             log.error("decode failed", code=exc.code, tokens=len(entries))
             for job, _, _ in plan:
                 self.forget_kv(job.session)
                 self.finish(job, "error", message=f"decode failed (code {exc.code})")
+            for slot, _ in pads:
+                holder = self.slots[slot]
+                if holder is not None and holder.job is None:
+                    self.forget_kv(holder)  # its padding may still be in the KV
             return
         finally:
             self.decoding = False
@@ -509,6 +648,12 @@ class Engine:
             for sampler in self.retired:
                 sampler.free()
             self.retired.clear()
+        for slot in spoilt:
+            holder = self.slots[slot]
+            if holder is not None:
+                self.forget_kv(holder)
+        pads_used = self.last_step_pads
+        self.padded_steps += 1 if pads_used else 0
         now = time.monotonic()
         token_of = {id(job): token for (job, _), token in zip(sampled, tokens, strict=True)}
         for job, added, logits_index in plan:
@@ -524,6 +669,12 @@ class Engine:
                 self.accept_token(job, token_of[id(job)], now)
         for job in [j for j in self.active if j.aborted]:
             self.finish(job, "aborted")
+        # The whole step, streaming included: the gap a generating stream sees.
+        outputs = sum(1 for _, _, index in plan if index >= 0)
+        step_ms = (time.perf_counter() - started) * 1000
+        if outputs == len(entries):
+            self.last_decode_ms = step_ms
+        self.step_cost.observe(outputs + pads_used, len(entries) - outputs, step_ms)
 
     def accept_token(self, job: Job, token: int, now: float) -> None:
         session = job.session
@@ -614,6 +765,17 @@ class Engine:
         fields: dict[str, Any] = {"finish_reason": reason, "stats": stats}
         if reason == "error":
             fields["message"] = message or "generation failed"
+        # Logged before the client hears of it: whoever reads the log after `end` finds it.
+        log.info(
+            "request end",
+            client_id=job.client_id,
+            session_id=job.session.session_id,
+            prompt_tokens=job.prompt_tokens,
+            cached_tokens=job.cached_tokens,
+            tokens=job.generated,
+            ttft_ms=stats["ttft_ms"],
+            finish_reason=reason,
+        )
         job.caller.send(internal.END, **fields)
         if self.monitor is not None:
             started = job.t_started or now
@@ -631,16 +793,6 @@ class Engine:
         if job.generated:
             self.last_tps = stats["tps"]
             self.last_ttft_ms = stats["ttft_ms"]
-        log.info(
-            "request end",
-            client_id=job.client_id,
-            session_id=job.session.session_id,
-            prompt_tokens=job.prompt_tokens,
-            cached_tokens=job.cached_tokens,
-            tokens=job.generated,
-            ttft_ms=stats["ttft_ms"],
-            finish_reason=reason,
-        )
 
     def abort_all(self) -> None:
         for job in list(self.active) + self.queue.items():
@@ -660,6 +812,8 @@ class Engine:
             "tokens_per_second": float(sum(n for _, n in self.recent_tokens)),
             "kv_cells_used": sum(s.n_past for s in self.slots if s is not None),
             "kv_cells_total": self.n_ctx * len(self.slots),
+            "decode_steps": self.steps,
+            "padded_steps": self.padded_steps,
         }
 
 
@@ -727,6 +881,33 @@ def load_backend(config: Config) -> LlamaBackend:
     )
 
 
+def padding_pays(backend: LlamaBackend) -> tuple[bool, float, float]:
+    """Whether padding decode steps to groups of PAD_GROUP rows pays on this machine: a step of
+    7 rows against one of 8, timed in empty slots at start (a fraction of a second on CPU).
+    Returns the answer and the two medians in ms."""
+    rows = 2 * PAD_GROUP
+    if backend.n_seq_max < rows:
+        return False, 0.0, 0.0
+    token = backend.tokenize("the", add_bos=False)[0]
+    positions = [0] * rows
+    times: dict[int, list[float]] = {rows - 1: [], rows: []}
+    try:
+        for rep in range(5):
+            for count in (rows - 1, rows):
+                entries = [BatchEntry(token, positions[s], s, True) for s in range(count)]
+                started = time.perf_counter()
+                backend.decode(entries)
+                if rep > 0:  # the first steps allocate the compute graphs
+                    times[count].append((time.perf_counter() - started) * 1000)
+                for s in range(count):
+                    positions[s] += 1
+    finally:
+        for s in range(rows):
+            backend.seq_clear(s)
+    fewer, more = (statistics.median(times[count]) for count in (rows - 1, rows))
+    return more < 0.9 * fewer, fewer, more
+
+
 async def main(config: Config, stop: trio.Event) -> None:
     started = time.monotonic()
     backend = await trio.to_thread.run_sync(load_backend, config)
@@ -739,9 +920,17 @@ async def main(config: Config, stop: trio.Event) -> None:
         ctx_size=backend.n_ctx_seq,
         gpu_layers=backend.gpu_layers_used,
     )
+    pad_batches = config.batch_padding == "on"
+    if config.batch_padding == "auto":
+        pad_batches, fewer, more = await trio.to_thread.run_sync(padding_pays, backend)
+        log.info(
+            "batch padding " + ("on" if pad_batches else "off"),
+            step_7_rows_ms=round(fewer, 1),
+            step_8_rows_ms=round(more, 1),
+        )
     sessions_link = ActorLink(internal.SESSIONS, config)
     monitor = ActorLink(internal.MONITOR, config)
-    engine = Engine(config, backend, sessions_link, monitor)
+    engine = Engine(config, backend, sessions_link, monitor, pad_batches)
     assert set(engine.handlers) == set(internal.ENGINE_OPS)
     try:
         async with trio.open_nursery() as nursery:
