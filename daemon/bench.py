@@ -285,6 +285,9 @@ class DaemonStream:
     def infer(self, prompt: str, seed: int, max_tokens: int) -> None:
         params = {"temp": TEMP, "seed": seed, "max_tokens": max_tokens, "ignore_eos": True}
         body = {"op": "infer", "session_id": self.session_id, "prompt": prompt, "params": params}
+        self.timing = StreamTiming()
+        self.token_times = []
+        self.ended = False
         self.timing.sent = time.perf_counter()
         self.sock.send_multipart(wire.client_frames(body))
 
@@ -519,6 +522,100 @@ def run_stall(daemon: DaemonUnderTest, prompt: str) -> StallResult:
             stream.close()
 
 
+# ---- shared system prompts and many sessions ------------------------------------------------
+
+SYSTEM_PROMPT = (
+    "You are the assistant of a harbour town's visitor office. You answer questions about the "
+    "ferry timetable, the market, the museums and the walks along the coast, briefly and "
+    "kindly, in plain words. "
+) * 8
+MANY_SESSIONS = 200
+MANY_SESSIONS_CACHE_MB = 16
+
+
+def _until_ended(stream: DaemonStream) -> None:
+    _pump([stream], lambda: stream.ended)
+
+
+def _first_token(stream: DaemonStream, prompt: str) -> tuple[float, dict[str, Any]]:
+    stream.infer(prompt, seed=0, max_tokens=1)
+    _until_ended(stream)
+    first = stream.timing.first or _done(stream.timing.last)
+    return (first - stream.timing.sent) * 1000, stream.stats
+
+
+def run_prefix_sharing(daemon: DaemonUnderTest, run: int) -> dict[str, float]:
+    """First-token time of a session whose system prompt is new, then of a second session with
+    the same one (its KV restored from the prefix cache). Each run its own system prompt."""
+    system = f"[visitor office {run}] " + SYSTEM_PROMPT
+    results: dict[str, float] = {}
+    for label in ("without", "with"):
+        sock = daemon.connect()
+        _request(sock, {"op": "auth", "client_id": "bench", "api_key": daemon.key})
+        created = _request(sock, {"op": "create_session", "system_prompt": system})
+        stream = DaemonStream(sock, created)
+        try:
+            ttft, stats = _first_token(stream, "When does the first ferry leave?")
+        finally:
+            stream.close()
+        results[f"ttft_{label}_ms"] = ttft
+        results[f"cached_tokens_{label}"] = float(stats.get("cached_tokens", 0))
+        results[f"prompt_tokens_{label}"] = float(stats.get("prompt_tokens", 0))
+    results["speedup"] = results["ttft_without_ms"] / results["ttft_with_ms"]
+    return results
+
+
+def _engine_rss(daemon: DaemonUnderTest) -> int:
+    """The engine process's resident memory, from /proc (Linux)."""
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            stat = (child / "stat").read_text()
+            cmdline = (child / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == daemon.process.pid and b"inferencecenter-engine" in cmdline:
+            status = (child / "status").read_text()
+            rss_kb = next(line for line in status.splitlines() if line.startswith("VmRSS"))
+            return int(rss_kb.split()[1]) * 1024
+    raise RuntimeError("no engine process found")
+
+
+def run_many_sessions(model: str, threads: int) -> dict[str, float]:
+    """200 sessions, one short infer each, on 4 slots with a 16 MB session cache: the engine's
+    memory before and after, and how the first session (state dropped) comes back."""
+    daemon = DaemonUnderTest(
+        model, 4, threads, 1024, extra=["--session-cache-mb", str(MANY_SESSIONS_CACHE_MB)]
+    )
+    streams: list[DaemonStream] = []
+    try:
+        baseline = _engine_rss(daemon)
+        sock = daemon.connect()
+        _request(sock, {"op": "auth", "client_id": "bench", "api_key": daemon.key})
+        started = time.perf_counter()
+        for index in range(MANY_SESSIONS):
+            stream = DaemonStream(sock, _request(sock, {"op": "create_session"}))
+            streams.append(stream)
+            stream.infer(f"Session {index} remembers the number {index * 7}.", 0, 8)
+            _until_ended(stream)
+        elapsed = time.perf_counter() - started
+        after = _engine_rss(daemon)
+        back, stats = _first_token(streams[0], " again")
+        return {
+            "sessions": float(MANY_SESSIONS),
+            "session_cache_mb": float(MANY_SESSIONS_CACHE_MB),
+            "engine_rss_before_mb": baseline / 2**20,
+            "engine_rss_after_mb": after / 2**20,
+            "seconds": elapsed,
+            "first_session_back_ttft_ms": back,
+            "first_session_back_cached_tokens": float(stats.get("cached_tokens", 0)),
+        }
+    finally:
+        daemon.stop()
+
+
 # ---- reporting ----------------------------------------------------------------------------
 
 
@@ -674,10 +771,46 @@ def _measure_stall(args: argparse.Namespace, model: str, threads: int) -> dict[s
     return {"tokenized_prompt_tokens": tokens, "runs": runs, "median": _medians(runs, fields)}
 
 
+def _measure_prefix(args: argparse.Namespace, model: str, threads: int) -> dict[str, Any]:
+    daemon = DaemonUnderTest(model, 4, threads, args.ctx_size)
+    runs = []
+    try:
+        for run in range(args.runs):
+            runs.append(run_prefix_sharing(daemon, run))
+            print(
+                f"shared system prompt run {run + 1}/{args.runs}: first token "
+                f"{runs[-1]['ttft_without_ms']:.0f} ms without, {runs[-1]['ttft_with_ms']:.0f} ms "
+                "with",
+                file=sys.stderr,
+            )
+    finally:
+        daemon.stop()
+    return {"runs": runs, "median": _medians(runs, list(runs[0]))}
+
+
+def print_prefix(median: dict[str, float]) -> None:
+    print(
+        f"\nshared system prompt ({median['prompt_tokens_without']:.0f} prompt tokens; medians): "
+        f"first token {median['ttft_without_ms']:.0f} ms for a new system prompt, "
+        f"{median['ttft_with_ms']:.0f} ms for a second session with it "
+        f"({median['cached_tokens_with']:.0f} tokens restored): {median['speedup']:.1f}x"
+    )
+
+
+def print_sessions(result: dict[str, float]) -> None:
+    print(
+        f"\n{result['sessions']:.0f} sessions on 4 slots, --session-cache-mb "
+        f"{result['session_cache_mb']:.0f}: engine RSS {result['engine_rss_before_mb']:.0f} MB "
+        f"before, {result['engine_rss_after_mb']:.0f} MB after; the first session, its state "
+        f"dropped, answers again in {result['first_session_back_ttft_ms']:.0f} ms "
+        f"(rebuilt from its history)"
+    )
+
+
 def bench(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     threads = args.threads or (os.cpu_count() or 1)
-    streams = [int(x) for x in args.streams.split(",")]
+    streams = [int(x) for x in args.streams.split(",") if x.strip()]
     out = Path(args.output)
     if args.plot and not _require_matplotlib():
         print(
@@ -691,12 +824,19 @@ def bench(args: argparse.Namespace) -> int:
         return 2
     # SIGTERM ends the bench through the `finally`s that stop the daemon and llama-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    results = _measure_all(args, model, threads, streams)
+    results = _measure_all(args, model, threads, streams) if streams else {}
     stall = _measure_stall(args, model, threads) if args.stall else None
+    prefix = _measure_prefix(args, model, threads) if args.prefix else None
+    sessions = run_many_sessions(model, threads) if args.sessions else None
     table = median_table(results, streams)
-    print_table(table)
+    if table:
+        print_table(table)
     if stall:
         print_stall(stall["median"])
+    if prefix:
+        print_prefix(prefix["median"])
+    if sessions:
+        print_sessions(sessions)
     report = {
         "model": model,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -707,12 +847,14 @@ def bench(args: argparse.Namespace) -> int:
         "llama_server": args.llama_server,
         "median_of_runs": table,
         "stall": stall,
+        "shared_system_prompt": prefix,
+        "many_sessions": sessions,
         "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
-    if args.plot:
+    if args.plot and table:
         png = out.with_suffix(".png")
         plot(table, png)
         print(f"wrote {png}")
@@ -724,7 +866,9 @@ def add_bench_command(commands: Any) -> None:
         "bench", help="measure the daemon against an in-process loop and llama-server"
     )
     parser.add_argument("--model", help="GGUF model (default: the gemma package's)")
-    parser.add_argument("--streams", default="1,4,8,16", help="comma-separated stream counts")
+    parser.add_argument(
+        "--streams", default="1,4,8,16", help="comma-separated stream counts ('' for none)"
+    )
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (medians are reported)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
@@ -735,6 +879,18 @@ def add_bench_command(commands: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="measure the stall a long prompt causes to 7 generating streams",
+    )
+    parser.add_argument(
+        "--prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the first token of a session sharing a cached system prompt",
+    )
+    parser.add_argument(
+        "--sessions",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"measure the engine's memory with {MANY_SESSIONS} sessions",
     )
     parser.add_argument(
         "--plot",
