@@ -41,8 +41,8 @@ STATS_PERIOD_S = 1.0
 # Requests that arrive together start together: after an idle spell, the first step waits while
 # more keep arriving (each within COALESCE_GAP_S of the last, COALESCE_MAX_S in all), so one
 # prefill step takes them all instead of the first alone and the rest one step later.
-COALESCE_GAP_S = 0.002
-COALESCE_MAX_S = 0.015
+COALESCE_GAP_S = 0.005
+COALESCE_MAX_S = 0.03
 PREFIX_CACHE_ENTRIES = 8
 # A chunked prompt advances at least this much per step, however many streams generate.
 MIN_PREFILL_TOKENS = 16
