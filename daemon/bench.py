@@ -181,6 +181,35 @@ def run_inprocess(model: str, n: int, tokens: int, threads: int, ctx: int) -> Me
         backend.close()
 
 
+def run_row_sweep(model: str, threads: int, most: int = 16, reps: int = 8) -> dict[int, float]:
+    """The median time of a decode-only step of 1..`most` rows (one token of each of that many
+    contiguous sequences), in-process: where the CPU kernels favour some row counts, batch
+    padding pays (see the engine's padded_rows)."""
+    from ..actors.engine.backend import BatchEntry, LlamaBackend
+
+    backend = LlamaBackend(model, n_seq_max=most, n_ctx_seq=1024, n_batch=512, n_threads=threads)
+    try:
+        prompt = backend.tokenize(PROMPTS[0], add_bos=True)
+        for seq in range(most):
+            last = len(prompt) - 1
+            backend.decode([BatchEntry(t, i, seq, i == last) for i, t in enumerate(prompt)])
+        positions = [len(prompt)] * most
+        sweep: dict[int, float] = {}
+        for rows in range(1, most + 1):
+            times = []
+            for _ in range(reps):
+                entries = [BatchEntry(prompt[1], positions[s], s, True) for s in range(rows)]
+                started = time.perf_counter()
+                backend.decode(entries)
+                times.append((time.perf_counter() - started) * 1000)
+                for seq in range(rows):
+                    positions[seq] += 1
+            sweep[rows] = statistics.median(times)
+        return sweep
+    finally:
+        backend.close()
+
+
 def count_tokens(model: str, text: str) -> int:
     """Tokens of text as a prompt (with BOS), from the model's own tokenizer."""
     from ..actors.engine.backend import LlamaBackend
@@ -828,6 +857,7 @@ def bench(args: argparse.Namespace) -> int:
     stall = _measure_stall(args, model, threads) if args.stall else None
     prefix = _measure_prefix(args, model, threads) if args.prefix else None
     sessions = run_many_sessions(model, threads) if args.sessions else None
+    rows = run_row_sweep(model, threads) if args.rows else None
     table = median_table(results, streams)
     if table:
         print_table(table)
@@ -837,6 +867,11 @@ def bench(args: argparse.Namespace) -> int:
         print_prefix(prefix["median"])
     if sessions:
         print_sessions(sessions)
+    if rows:
+        print(
+            "\ndecode step of N rows alone, in-process (ms): "
+            + ", ".join(f"{n}: {ms:.1f}" for n, ms in rows.items())
+        )
     report = {
         "model": model,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -849,6 +884,7 @@ def bench(args: argparse.Namespace) -> int:
         "stall": stall,
         "shared_system_prompt": prefix,
         "many_sessions": sessions,
+        "decode_step_ms_by_rows": rows,
         "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -891,6 +927,12 @@ def add_bench_command(commands: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help=f"measure the engine's memory with {MANY_SESSIONS} sessions",
+    )
+    parser.add_argument(
+        "--rows",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="time a decode-only step of 1..16 rows in-process (does batch padding pay here?)",
     )
     parser.add_argument(
         "--plot",

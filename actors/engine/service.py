@@ -493,9 +493,13 @@ class Engine:
         if not generating:
             if len(waiting) == 1:
                 return self.prompt_chunks(waiting, self.backend.n_batch, None)
-            first = waiting[: len(waiting) // 2 + 1]
-            budget = max(self.step_budget_ms, self.step_cost.prompt_cost(self.remaining(first)))
-            entries, plan = self.prompt_chunks(waiting, self.prefill_chunk, budget)
+            half = len(waiting) // 2 + 1
+            entries, plan = self.prompt_chunks(waiting[:half], self.prefill_chunk, None)
+            left_ms = self.step_budget_ms - self.step_cost.prompt_cost(len(entries))
+            more, more_plan = self.prompt_chunks(
+                waiting[half:], self.prefill_chunk - len(entries), left_ms, len(entries), 0
+            )
+            entries, plan = entries + more, plan + more_plan
             done = {id(job) for job, _, index in plan if index >= 0}
             self.burst_rest = {id(job) for job in waiting if id(job) not in done}
             return entries, plan
@@ -528,10 +532,16 @@ class Engine:
         return sum(len(job.session.tokens) - job.session.n_past for job in jobs)
 
     def prompt_chunks(
-        self, jobs: list[Job], room: int, time_left: float | None, offset: int = 0
+        self,
+        jobs: list[Job],
+        room: int,
+        time_left: float | None,
+        offset: int = 0,
+        at_least: int = MIN_PREFILL_TOKENS,
     ) -> tuple[list[BatchEntry], list[tuple[Job, int, int]]]:
         """Chunks of these prompts, in this order, within `room` tokens and (when given) the
-        time the step cost model says fits; at least MIN_PREFILL_TOKENS so prompts progress."""
+        time the step cost model says fits, but `at_least` tokens so that prompts progress.
+        `offset`: where these entries will start in the batch."""
         entries: list[BatchEntry] = []
         plan: list[tuple[Job, int, int]] = []
         for job in jobs:
@@ -544,7 +554,7 @@ class Engine:
             take = min(room, end - start)
             if time_left is not None:
                 fitting = self.step_cost.prompt_tokens_within(time_left, take)
-                take = fitting if fitting > 0 or plan else min(take, MIN_PREFILL_TOKENS)
+                take = fitting if fitting > 0 or plan else min(take, at_least)
                 if take <= 0:
                     break
                 time_left -= self.step_cost.prompt_cost(take)
