@@ -4,6 +4,7 @@ system prompts, hundreds of sessions. Each test runs a daemon of its own with sm
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,18 @@ def client_for(daemon: Daemon, client_id: str, key: str) -> RawClient:
     client = RawClient(daemon.endpoint)
     client.auth(client_id, key)
     return client
+
+
+def roomy_client(daemon: Daemon) -> RawClient:
+    """A client allowed 256 sessions, added to the running daemon's clients file (read at each
+    auth)."""
+    clients = daemon.clients_path
+    data = json.loads(clients.read_text())
+    data["clients"].append(
+        {"client_id": "many", "api_key": "many-key-0123456789", "max_sessions": 256}
+    )
+    clients.write_text(json.dumps(data))
+    return client_for(daemon, "many", "many-key-0123456789")
 
 
 def engine_process(daemon: Daemon) -> psutil.Process:
@@ -182,6 +195,53 @@ def test_padding_rows_leave_an_idle_session_intact(tmp_path: Path) -> None:
         assert stop_daemon(daemon.process) == 0
 
 
+def test_padding_under_churn_keeps_every_session_intact(tmp_path: Path) -> None:
+    """Rounds of 5 to 7 concurrent infers over 10 sessions on 8 slots (padding into idle and
+    free slots, evictions, an abort, a session closed and another created each round). After
+    it all, no step failed and every session still has its whole KV: its next infer evaluates
+    only the new text (a stray padding token would make llama.cpp refuse the next decode)."""
+    daemon = start_daemon(tmp_path, "--parallel", "8", "--batch-padding", "on", "--ctx-size", "512")
+    rng = random.Random(7)
+    try:
+        client = roomy_client(daemon)
+        sessions = [new_session(client) for _ in range(10)]
+        for round_index in range(6):
+            chosen = rng.sample(sessions, rng.randint(5, 7))
+            for index, session_id in enumerate(chosen):
+                client.send(
+                    {
+                        "op": "infer",
+                        "id": f"r{round_index}-{index}",
+                        "session_id": session_id,
+                        "prompt": f" Round {round_index}, voice {index}:",
+                        "params": {"max_tokens": rng.randint(6, 20), "ignore_eos": True},
+                    }
+                )
+            victim = rng.randrange(len(chosen))
+            assert client.recv_for(f"r{round_index}-{victim}")["op"] == "token"
+            client.request({"op": "abort", "session_id": chosen[victim]})
+            for index in range(len(chosen)):
+                _, end = client.stream(f"r{round_index}-{index}")
+                assert end["op"] == "end", end
+                assert end["finish_reason"] in ("length", "aborted"), end
+            gone = sessions.pop(rng.randrange(len(sessions)))
+            client.request({"op": "close_session", "session_id": gone})
+            sessions.append(new_session(client))
+        assert client.request({"op": "stats"})["inference"]["padded_steps"] > 0
+        held = {
+            s["session_id"]: s["tokens"]
+            for s in client.request({"op": "list_sessions"})["sessions"]
+        }
+        for session_id in sessions:
+            _, end = run_infer(client, session_id, prompt=" And then", params={"max_tokens": 2})
+            assert end["finish_reason"] == "length", end
+            if held[session_id]:
+                assert end["stats"]["cached_tokens"] >= held[session_id] - 1, (held, end)
+        assert "decode failed" not in daemon.log()
+    finally:
+        assert stop_daemon(daemon.process) == 0
+
+
 def test_long_prompt_is_prefilled_between_the_streams_steps(tmp_path: Path) -> None:
     """A 1,500-token prompt arriving while three streams generate is prefilled in chunks that
     alternate with the streams' steps: every stream keeps producing tokens meanwhile. (One
@@ -233,14 +293,8 @@ def test_long_prompt_is_prefilled_between_the_streams_steps(tmp_path: Path) -> N
 
 def test_two_hundred_sessions_with_bounded_memory(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path, "--parallel", "4", "--session-cache-mb", "16")
-    clients = daemon.clients_path
-    data = json.loads(clients.read_text())
-    data["clients"].append(
-        {"client_id": "many", "api_key": "many-key-0123456789", "max_sessions": 256}
-    )
-    clients.write_text(json.dumps(data))
     try:
-        client = client_for(daemon, "many", "many-key-0123456789")
+        client = roomy_client(daemon)
         engine = engine_process(daemon)
         baseline = engine.memory_info().rss
         sessions: list[str] = []
