@@ -910,35 +910,13 @@ def add_bench_command(commands: Any) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--ctx-size", type=int, default=1024, help="context per stream")
     parser.add_argument("--llama-server", metavar="PATH", help="also measure this llama-server")
-    parser.add_argument(
-        "--stall",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="measure the stall a long prompt causes to 7 generating streams",
-    )
-    parser.add_argument(
-        "--prefix",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="measure the first token of a session sharing a cached system prompt",
-    )
-    parser.add_argument(
-        "--sessions",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help=f"measure the engine's memory with {MANY_SESSIONS} sessions",
-    )
-    parser.add_argument(
-        "--rows",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="time a decode-only step of 1..16 rows in-process (does batch padding pay here?)",
-    )
-    parser.add_argument(
-        "--plot",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write a PNG next to --output (needs matplotlib)",
-    )
+    for flag, default, text in (
+        ("--stall", True, "measure the stall a long prompt causes to 7 generating streams"),
+        ("--prefix", True, "measure the first token of a session sharing a cached system prompt"),
+        ("--sessions", True, f"measure the engine's memory with {MANY_SESSIONS} sessions"),
+        ("--rows", False, "time a decode-only step of 1..16 rows in-process (does padding pay?)"),
+        ("--plot", True, "write a PNG next to --output (needs matplotlib)"),
+    ):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     parser.add_argument("--output", default="bench-results/bench.json", help="JSON results")
     parser.set_defaults(func=bench)

@@ -32,6 +32,17 @@ def run_infer(
     return "".join(t["content"] for t in tokens), end
 
 
+def reference_reply(client: RawClient, prompts: list[str], params: dict[str, Any]) -> str:
+    """The last reply of a new session given `prompts` in turn, alone: what a session with the
+    same conversation must answer at `temp: 0`. The session is closed after."""
+    session_id = new_session(client)
+    text = ""
+    for prompt in prompts:
+        text, _ = run_infer(client, session_id, prompt=prompt, params=params)
+    client.request({"op": "close_session", "session_id": session_id})
+    return text
+
+
 # ---- before auth -------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 
 from .conftest import Daemon, RawClient, start_daemon, stop_daemon
-from .test_daemon import new_session, run_infer
+from .test_daemon import new_session, reference_reply, run_infer
 
 LONG = {"max_tokens": 2000, "ignore_eos": True}
 
@@ -187,10 +187,8 @@ def test_padding_rows_leave_an_idle_session_intact(tmp_path: Path) -> None:
         assert end["stats"]["cached_tokens"] > 12  # its KV stayed in the slot
         for session_id in busy:
             client.request({"op": "close_session", "session_id": session_id})
-        reference = new_session(client)
-        run_infer(client, reference, prompt="Alice has a red bicycle.", params=params)
-        expected, _ = run_infer(client, reference, prompt=" Her bicycle is", params=params)
-        assert resumed == expected
+        prompts = ["Alice has a red bicycle.", " Her bicycle is"]
+        assert resumed == reference_reply(client, prompts, params)
     finally:
         assert stop_daemon(daemon.process) == 0
 

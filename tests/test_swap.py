@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .conftest import RawClient, start_daemon, stop_daemon
-from .test_daemon import new_session, run_infer
+from .test_daemon import new_session, reference_reply, run_infer
 
 
 def test_evicted_session_continues_its_conversation(tmp_path: Path) -> None:
@@ -33,9 +33,6 @@ def check_eviction(authed: RawClient) -> None:
     assert end["stats"]["cached_tokens"] > 16
     for session_id in others:
         authed.request({"op": "close_session", "session_id": session_id})
-    reference = new_session(authed)
-    run_infer(authed, reference, prompt="Alice has a red bicycle.", params=params)
-    expected, _ = run_infer(authed, reference, prompt=" Her bicycle is", params=params)
-    assert resumed == expected
-    for session_id in (target, reference):
-        authed.request({"op": "close_session", "session_id": session_id})
+    prompts = ["Alice has a red bicycle.", " Her bicycle is"]
+    assert resumed == reference_reply(authed, prompts, params)
+    authed.request({"op": "close_session", "session_id": target})
