@@ -34,6 +34,7 @@ from .backend import BatchEntry, DecodeError, LlamaBackend, Sampler
 from .chat import ChatRenderer
 from .scheduling import PAD_GROUP, StepCostModel, WaitQueue, padded_rows, prefill_order
 from .text import TextStream
+from .worker import DecodeThread, Step, StepResult
 
 log = EventLog("engine")
 
@@ -122,7 +123,9 @@ class Engine:
         self.prefill_chunk = config.prefill_chunk
         self.step_budget_ms = config.step_budget_ms
         self.step_cost = StepCostModel()
-        self.last_step_pads = 0
+        self.decoder = DecodeThread(self.run_step, backend.is_eog)
+        self.going_on: list[tuple[Job, int, int]] | None = None  # the plan the thread repeats
+        self.stale_rows: list[tuple[int, int]] = []  # (slot, position) to trim when it stops
         self.padded_steps = 0
         self.last_decode_ms = 0.0  # the last step of generating streams alone
         self.prompt_turn = False  # the last step was prompts only, while streams waited
@@ -440,10 +443,17 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------
 
     def kick(self) -> None:
+        """Something changed (an arrival, an abort, an end): the loop must look."""
+        self.decoder.hold.set()
         self.wakeup.set()
 
     async def run(self) -> None:
+        self.decoder.start()
         while True:
+            await trio.lowlevel.checkpoint()  # steps wait for their results shielded
+            if self.going_on is not None:  # the decode thread went on by itself
+                await self.step_going_on(self.going_on)
+                continue
             self.admit()
             if not self.active:
                 await self.wakeup.wait()
@@ -592,18 +602,15 @@ class Engine:
         spare.sort(key=lambda pad: max(low - pad[0], pad[0] - high, 0))
         return spare[:wanted]
 
-    def decode_and_sample(
-        self,
-        entries: list[BatchEntry],
-        sample_at: list[tuple[Sampler, int]],
-        pads: list[tuple[int, int]],
-    ) -> tuple[list[int], list[int]]:
-        """The worker thread's part of a step: ctypes releases the GIL in both, so the actor's
-        socket tasks keep running meanwhile. Returns the tokens and the slots whose padding
-        could not be removed (their KV must be rebuilt)."""
+    def run_step(self, step: Step) -> tuple[list[int], list[int], int]:
+        """The decode and sampling of a step, in the decode thread (ctypes releases the GIL, so
+        the actor's socket tasks keep running meanwhile). Padding rows go after the KV of idle
+        slots and are removed after. Returns the tokens, the slots whose padding could not be
+        removed (their KV must be rebuilt) and the padding rows used."""
         backend = self.backend
+        entries = step.entries
         used = []
-        for slot, pos in pads:
+        for slot, pos in step.pads:
             if pos == 0:
                 backend.seq_clear(slot)
             if backend.seq_pos_max(slot) == pos - 1:  # never a gap: llama.cpp would refuse
@@ -612,79 +619,166 @@ class Engine:
             token = entries[0].token
             entries = entries + [BatchEntry(token, pos, slot, True) for slot, pos in used]
         spoilt = []
+        step.decoding()
         try:
             backend.decode(entries)
         finally:
             for slot, pos in used:
                 if not backend.seq_trim(slot, pos):
                     spoilt.append(slot)
-        tokens = [sampler.sample(index) for sampler, index in sample_at]
-        self.last_step_pads = len(used)
-        return tokens, spoilt
+        tokens = [sampler.sample(index) for sampler, index in step.sample_at]
+        return tokens, spoilt, len(used)
 
     async def step(self) -> None:
         started = time.perf_counter()
+        # The loop looks at everything now; what happens from here on holds the thread again.
+        self.decoder.hold.clear()
         for job in [j for j in self.active if j.aborted]:
             self.finish(job, "aborted")
         entries, plan = self.build_batch()
         if not entries:
             return
-        sampled = [(job, index) for job, _, index in plan if index >= 0 and job.sampler]
-        sample_at = [(job.sampler, index) for job, index in sampled if job.sampler]
+        sample_at = [(job.sampler, index) for job, _, index in plan if index >= 0 and job.sampler]
         decode_only = all(job.state == "generating" for job, _, _ in plan)
         pads = self.padding(entries) if decode_only else []
         for slot, pos in pads:
             holder = self.slots[slot]
             if holder is not None and pos == 0:
                 holder.clear_slot = False  # emptied by the step
+        step = Step(entries, sample_at, pads)
+        if decode_only and len(sample_at) == len(entries):
+            step.rows_left = [self.steps_left(job) for job, _, _ in plan]
+            step.eog_stops = [not job.params.ignore_eos for job, _, _ in plan]
         self.decoding = True
-        try:
-            tokens, spoilt = await trio.to_thread.run_sync(
-                self.decode_and_sample, entries, sample_at, pads
-            )
-        except DecodeError as exc:
-            log.error("decode failed", code=exc.code, tokens=len(entries))
-            for job, _, _ in plan:
-                self.forget_kv(job.session)
-                self.finish(job, "error", message=f"decode failed (code {exc.code})")
-            for slot, _ in pads:
-                holder = self.slots[slot]
-                if holder is not None and holder.job is None:
-                    self.forget_kv(holder)  # its padding may still be in the KV
-            return
-        finally:
+        self.decoder.submit(step)
+        result = await self.next_result(plan)
+        self.finish_step(result, plan, (time.perf_counter() - started) * 1000)
+
+    def steps_left(self, job: Job) -> int:
+        """How many steps after this one the job may take without the loop looking (each
+        samples one more token): within max_tokens and the context."""
+        tokens = len(job.session.tokens)
+        return min(job.params.max_tokens - job.generated, self.n_ctx - tokens) - 1
+
+    async def next_result(self, plan: list[tuple[Job, int, int]]) -> StepResult:
+        """The decode thread's next result; the loop waits for it even when cancelled (the
+        context must not be closed under a decode)."""
+        with trio.CancelScope(shield=True):
+            result = await self.decoder.results.get()
+        self.steps += 1
+        self.going_on = plan if result.continued else None
+        if not result.continued:
             self.decoding = False
-            self.steps += 1
             for sampler in self.retired:
                 sampler.free()
             self.retired.clear()
-        for slot in spoilt:
+            self.trim_stale_rows()
+        return result
+
+    def trim_stale_rows(self) -> None:
+        """Tokens the decode thread put in the KV of rows whose job had ended or been aborted
+        (the thread is idle now: the context is the loop's)."""
+        for slot, pos in sorted(self.stale_rows, key=lambda row: -row[1]):
+            if not self.backend.seq_trim(slot, pos):
+                holder = self.slots[slot]
+                if holder is not None:
+                    self.forget_kv(holder)
+        self.stale_rows.clear()
+
+    def finish_step(
+        self, result: StepResult, plan: list[tuple[Job, int, int]], step_ms: float
+    ) -> None:
+        """Apply a step's result: positions, tokens, the step cost model."""
+        if result.error is not None:
+            if not isinstance(result.error, DecodeError):
+                raise result.error
+            self.decode_failed(result.error, plan, result.step.pads)
+            return
+        for slot in result.spoilt:
             holder = self.slots[slot]
             if holder is not None:
                 self.forget_kv(holder)
-        pads_used = self.last_step_pads
-        self.padded_steps += 1 if pads_used else 0
+        self.padded_steps += 1 if result.pads_used else 0
         now = time.monotonic()
-        token_of = {id(job): token for (job, _), token in zip(sampled, tokens, strict=True)}
+        token_at = {
+            index: token
+            for (_, index), token in zip(result.step.sample_at, result.tokens, strict=True)
+        }
+        outputs = 0
         for job, added, logits_index in plan:
             job.session.n_past += added
             if job.prefix_end and job.session.n_past == job.prefix_end:
                 self.snapshot_prefix(job)
             if job.state == "generating":
                 job.next_token = None
-            if job.aborted or job.session.job is not job:
+            if logits_index < 0:
                 continue
-            if logits_index >= 0:
+            outputs += 1
+            if not job.aborted and job.session.job is job and logits_index in token_at:
                 job.state = "generating"
-                self.accept_token(job, token_of[id(job)], now)
+                self.accept_token(job, token_at[logits_index], now)
         for job in [j for j in self.active if j.aborted]:
             self.finish(job, "aborted")
-        # The whole step, streaming included: the gap a generating stream sees.
-        outputs = sum(1 for _, _, index in plan if index >= 0)
-        step_ms = (time.perf_counter() - started) * 1000
-        if outputs == len(entries):
+        entries = len(result.step.entries)
+        if outputs == entries:
             self.last_decode_ms = step_ms
-        self.step_cost.observe(outputs + pads_used, len(entries) - outputs, step_ms)
+        self.step_cost.observe(outputs + result.pads_used, entries - outputs, step_ms)
+
+    async def step_going_on(self, plan: list[tuple[Job, int, int]]) -> None:
+        """A step the decode thread took by itself (same rows as `plan`, one position on).
+        Each row is checked against its session: only one whose history holds the token it
+        decoded (at the position it decoded it) keeps it; the others are trimmed later."""
+        result = await self.next_result(plan)
+        if result.error is not None:
+            self.finish_step(result, plan, result.ms)
+            return
+        for slot in result.spoilt:
+            holder = self.slots[slot]
+            if holder is not None:
+                self.forget_kv(holder)
+        self.padded_steps += 1 if result.pads_used else 0
+        now = time.monotonic()
+        for index, (job, _, _) in enumerate(plan):
+            entry = result.step.entries[index]
+            session = job.session
+            if not (
+                session.slot == entry.seq_id
+                and session.n_past == entry.pos
+                and entry.pos < len(session.tokens)
+                and session.tokens[entry.pos] == entry.token
+            ):
+                self.stale_rows.append((entry.seq_id, entry.pos))
+                self.decoder.hold.set()
+                continue
+            session.n_past += 1
+            job.next_token = None
+            if job.state == "generating" and not job.aborted and session.job is job:
+                self.accept_token(job, result.tokens[index], now)
+        for job in [j for j in self.active if j.aborted]:
+            self.finish(job, "aborted")
+        self.step_cost.observe(len(plan) + result.pads_used, 0, result.ms)
+        if self.going_on is None:
+            self.trim_stale_rows()
+
+    async def stop_decoding(self) -> None:
+        """Let the decode thread finish what it is doing and end (the context is closed next)."""
+        self.decoder.hold.set()
+        while self.going_on is not None:
+            await self.next_result(self.going_on)
+        self.decoder.stop()
+
+    def decode_failed(
+        self, error: DecodeError, plan: list[tuple[Job, int, int]], pads: list[tuple[int, int]]
+    ) -> None:
+        log.error("decode failed", code=error.code, tokens=len(plan))
+        for job, _, _ in plan:
+            self.forget_kv(job.session)
+            if job.session.job is job:
+                self.finish(job, "error", message=f"decode failed (code {error.code})")
+        for slot, _ in pads:
+            holder = self.slots[slot]
+            if holder is not None and holder.job is None:
+                self.forget_kv(holder)  # its padding may still be in the KV
 
     def accept_token(self, job: Job, token: int, now: float) -> None:
         session = job.session
@@ -955,18 +1049,25 @@ async def main(config: Config, stop: trio.Event) -> None:
             nursery.start_soon(push_stats, engine, monitor, SupervisorLink(config))
             nursery.start_soon(expire_idle_sessions, engine)
             loop_scope = trio.CancelScope()
+            loop_done = trio.Event()
 
             async def run_loop() -> None:
-                with loop_scope:
-                    await engine.run()
+                try:
+                    with loop_scope:
+                        await engine.run()
+                finally:
+                    loop_done.set()
 
             nursery.start_soon(run_loop)
             report_to_supervisor(config, {"op": "ready", "actor": internal.ENGINE})
             await stop.wait()
-            loop_scope.cancel()  # waits for a decode in flight to complete
-            await trio.sleep(0)
+            engine.decoder.hold.set()
+            loop_scope.cancel()  # the loop waits for a step in flight to complete
+            await loop_done.wait()
+            await engine.stop_decoding()
             engine.abort_all()
             await server.socket.flush(2.0)
             nursery.cancel_scope.cancel()
     finally:
+        engine.decoder.stop(wait_s=10.0)  # never close the context under a decode
         backend.close()
