@@ -44,13 +44,12 @@ STATS_PERIOD_S = 1.0
 # prefill step takes them all instead of the first alone and the rest one step later.
 COALESCE_GAP_S = 0.005
 COALESCE_MAX_S = 0.03
-PREFIX_CACHE_ENTRIES = 8
+PREFIX_CACHE_ENTRIES = 8  # evaluated system prompts kept as sequence state
 # A chunked prompt advances at least this much per step, however many streams generate.
 MIN_PREFILL_TOKENS = 16
-# While others wait, a step with prompt chunks lasts up to --step-budget-ms or this many times a
-# step of the generating streams alone, whichever is longer: the streams' gap between tokens
-# grows by at most this factor while a long prompt is prefilled.
-STEP_STRETCH = 2.5  # evaluated system prompts kept as sequence state
+# While a long prompt is prefilled, the streams' gap between tokens (their step and a prompt
+# step) is held to --step-budget-ms or this many times their step alone, whichever is longer.
+STEP_STRETCH = 2.2
 
 
 def _tokens() -> array[int]:
@@ -646,7 +645,8 @@ class Engine:
             if holder is not None and pos == 0:
                 holder.clear_slot = False  # emptied by the step
         step = Step(entries, sample_at, pads)
-        if decode_only and len(sample_at) == len(entries):
+        prompts_wait = any(job.state == "prefill" for job in self.active)
+        if decode_only and not prompts_wait and len(sample_at) == len(entries):
             step.rows_left = [self.steps_left(job) for job, _, _ in plan]
             step.eog_stops = [not job.params.ignore_eos for job, _, _ in plan]
         self.decoding = True
