@@ -6,7 +6,8 @@ Handing each step to a worker thread and back cost 0.7 ms between two decodes at
 decode-only step it also says how many more tokens each row may take (max_tokens, context); the
 thread then feeds each row the token it has just sampled and decodes again at once, as long as
 no row must stop (an end-of-generation token, a row out of tokens) and the loop does not `hold`
-it back (an arrival, an abort, a job that ended). The loop checks every such step against the
+it back (an arrival, an abort, a job that ended; nor does it go on while prompts wait for their
+steps). The loop checks every such step against the
 sessions' histories: a row whose job ended meanwhile (a stop string) or was aborted has a token
 in the KV that it must not keep, which the loop trims once the thread stops.
 """
