@@ -595,20 +595,12 @@ def run_prefix_sharing(daemon: DaemonUnderTest, run: int) -> dict[str, float]:
 
 
 def _engine_rss(daemon: DaemonUnderTest) -> int:
-    """The engine process's resident memory, from /proc (Linux)."""
-    for child in Path("/proc").iterdir():
-        if not child.name.isdigit():
-            continue
-        try:
-            stat = (child / "stat").read_text()
-            cmdline = (child / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == daemon.process.pid and b"inferencecenter-engine" in cmdline:
-            status = (child / "status").read_text()
-            rss_kb = next(line for line in status.splitlines() if line.startswith("VmRSS"))
-            return int(rss_kb.split()[1]) * 1024
+    """The engine process's resident memory."""
+    import psutil
+
+    for child in psutil.Process(daemon.process.pid).children():
+        if "inferencecenter-engine" in " ".join(child.cmdline()):
+            return int(child.memory_info().rss)
     raise RuntimeError("no engine process found")
 
 

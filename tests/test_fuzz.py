@@ -47,6 +47,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Daemon
+from .test_protocol_unit import PROTOCOL_ERROR_CODES
 
 TAG = b"ICP1"
 LIMIT = 1 << 20  # the daemon's default --max-message-bytes
@@ -54,21 +55,6 @@ REPLY_DEADLINE_S = 30.0
 TOKENS_BEFORE_ABORT = 3
 ACTORS = ("gateway", "auth", "sessions", "engine", "monitor")
 
-# From PROTOCOL.md, written out here rather than imported from the code under test.
-ERROR_CODES = frozenset(
-    {
-        "bad_request",
-        "too_large",
-        "unauthenticated",
-        "auth_failed",
-        "forbidden",
-        "not_found",
-        "limit_reached",
-        "busy",
-        "overloaded",
-        "internal",
-    }
-)
 NEVER_SEEN_BY_A_SERIAL_CLIENT = frozenset({"internal", "busy", "overloaded"})
 FINISH_REASONS = frozenset({"stop", "length", "aborted", "context", "error"})
 STATS_KEYS = frozenset({"prompt_tokens", "cached_tokens", "tokens", "ttft_ms", "total_ms", "tps"})
@@ -498,7 +484,7 @@ def check_reply(frames: list[bytes]) -> dict[str, Any]:
     if "id" in body:
         assert valid_id(body["id"]), body
     if op == "error":
-        assert body["code"] in ERROR_CODES, body
+        assert body["code"] in PROTOCOL_ERROR_CODES, body
     elif op == "end":
         assert body["finish_reason"] in FINISH_REASONS, body
         assert set(body["stats"]) >= STATS_KEYS, body

@@ -632,8 +632,7 @@ class Engine:
         started = time.perf_counter()
         # The loop looks at everything now; what happens from here on holds the thread again.
         self.decoder.hold.clear()
-        for job in [j for j in self.active if j.aborted]:
-            self.finish(job, "aborted")
+        self.finish_aborted()
         entries, plan = self.build_batch()
         if not entries:
             return
@@ -694,11 +693,7 @@ class Engine:
                 raise result.error
             self.decode_failed(result.error, plan, result.step.pads)
             return
-        for slot in result.spoilt:
-            holder = self.slots[slot]
-            if holder is not None:
-                self.forget_kv(holder)
-        self.padded_steps += 1 if result.pads_used else 0
+        self.count_padding(result)
         now = time.monotonic()
         token_at = {
             index: token
@@ -717,12 +712,23 @@ class Engine:
             if not job.aborted and job.session.job is job and logits_index in token_at:
                 job.state = "generating"
                 self.accept_token(job, token_at[logits_index], now)
-        for job in [j for j in self.active if j.aborted]:
-            self.finish(job, "aborted")
+        self.finish_aborted()
         entries = len(result.step.entries)
         if outputs == entries:
             self.last_decode_ms = step_ms
         self.step_cost.observe(outputs + result.pads_used, entries - outputs, step_ms)
+
+    def finish_aborted(self) -> None:
+        for job in [j for j in self.active if j.aborted]:
+            self.finish(job, "aborted")
+
+    def count_padding(self, result: StepResult) -> None:
+        """A slot whose padding could not be removed has its KV rebuilt on next use."""
+        for slot in result.spoilt:
+            holder = self.slots[slot]
+            if holder is not None:
+                self.forget_kv(holder)
+        self.padded_steps += 1 if result.pads_used else 0
 
     async def step_going_on(self, plan: list[tuple[Job, int, int]]) -> None:
         """A step the decode thread took by itself (same rows as `plan`, one position on).
@@ -732,11 +738,7 @@ class Engine:
         if result.error is not None:
             self.finish_step(result, plan, result.ms)
             return
-        for slot in result.spoilt:
-            holder = self.slots[slot]
-            if holder is not None:
-                self.forget_kv(holder)
-        self.padded_steps += 1 if result.pads_used else 0
+        self.count_padding(result)
         now = time.monotonic()
         for index, (job, _, _) in enumerate(plan):
             entry = result.step.entries[index]
@@ -754,8 +756,7 @@ class Engine:
             job.next_token = None
             if job.state == "generating" and not job.aborted and session.job is job:
                 self.accept_token(job, result.tokens[index], now)
-        for job in [j for j in self.active if j.aborted]:
-            self.finish(job, "aborted")
+        self.finish_aborted()
         self.step_cost.observe(len(plan) + result.pads_used, 0, result.ms)
         if self.going_on is None:
             self.trim_stale_rows()

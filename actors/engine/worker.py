@@ -105,10 +105,6 @@ class Mailbox:
                 pass
         return self._items.popleft()
 
-    def close(self) -> None:
-        os.close(self._read_fd)
-        os.close(self._write_fd)
-
 
 class DecodeThread:
     """Runs steps in order; results come back through `results` in the same order."""
