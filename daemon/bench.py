@@ -224,11 +224,16 @@ def count_tokens(model: str, text: str) -> int:
 # ---- the daemon ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with net.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (all held bound while picked, so none comes twice)."""
+    probes = [net.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 class DaemonUnderTest:
@@ -248,7 +253,7 @@ class DaemonUnderTest:
             "priority": "normal",
         }
         clients.write_text(json.dumps({"clients": [client]}))
-        port, metrics_port = _free_port(), _free_port()
+        port, metrics_port = free_ports(2)
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.log = open(self.tmp / "daemon.log", "wb")
         command = [sys.executable, "-m", "inferencecenter.daemon", "serve", "--model", model]
@@ -375,7 +380,7 @@ class LlamaServerUnderTest:
     """`llama-server -np N` on a free port, with the same model, threads and context per slot."""
 
     def __init__(self, binary: str, model: str, parallel: int, threads: int, ctx: int) -> None:
-        self.port = _free_port()
+        (self.port,) = free_ports(1)
         self.tmp = Path(tempfile.mkdtemp(prefix="ic-bench-llama-server-"))
         self.log = open(self.tmp / "llama-server.log", "wb")
         command = [binary, "-m", model, "-np", str(parallel), "-t", str(threads)]

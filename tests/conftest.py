@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import zmq
 
+from inferencecenter.daemon.bench import free_ports
 from inferencecenter.protocol import wire
 
 START_DEADLINE_S = 180.0
@@ -24,9 +24,7 @@ REPLY_DEADLINE_MS = 30_000
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -128,7 +126,7 @@ def wait_for_pong(endpoint: str, process: subprocess.Popen[bytes], deadline_s: f
 def start_daemon(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
     clients = tmp / "clients.json"
     keys = write_clients(clients)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     log_path = tmp / "daemon.log"
     log = open(log_path, "wb")
     process = subprocess.Popen(

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import psutil
 
-from .conftest import RawClient, free_port, start_daemon, stop_daemon, wait_for_pong
+from .conftest import (
+    RawClient,
+    free_port,
+    free_ports,
+    start_daemon,
+    stop_daemon,
+    wait_for_pong,
+)
 
 
 def run_serve(
@@ -80,7 +87,7 @@ def test_busy_port_fails_with_a_clear_line(tmp_path: Path) -> None:
 
 def test_first_start_writes_a_private_clients_file_and_never_logs_the_key(tmp_path: Path) -> None:
     config_home = tmp_path / "config"
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     log_path = tmp_path / "log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
