@@ -182,32 +182,159 @@ def run_inprocess(model: str, n: int, tokens: int, threads: int, ctx: int) -> Me
 
 
 def run_row_sweep(model: str, threads: int, most: int = 16, reps: int = 8) -> dict[int, float]:
-    """The median time of a decode-only step of 1..`most` rows (one token of each of that many
-    contiguous sequences), in-process: where the CPU kernels favour some row counts, batch
-    padding pays (see the engine's padded_rows)."""
-    from ..actors.engine.backend import BatchEntry, LlamaBackend
+    """The time of a decode-only step of 1..`most` rows in-process, as the engine measures it at
+    start for --batch-padding auto (the fastest of `reps`): where the CPU kernels favour some
+    row counts, batch padding pays."""
+    from ..actors.engine.backend import LlamaBackend
+    from ..actors.engine.service import measure_step_times
 
     backend = LlamaBackend(model, n_seq_max=most, n_ctx_seq=1024, n_batch=512, n_threads=threads)
     try:
-        prompt = backend.tokenize(PROMPTS[0], add_bos=True)
-        for seq in range(most):
-            last = len(prompt) - 1
-            backend.decode([BatchEntry(t, i, seq, i == last) for i, t in enumerate(prompt)])
-        positions = [len(prompt)] * most
-        sweep: dict[int, float] = {}
-        for rows in range(1, most + 1):
-            times = []
-            for _ in range(reps):
-                entries = [BatchEntry(prompt[1], positions[s], s, True) for s in range(rows)]
-                started = time.perf_counter()
-                backend.decode(entries)
-                times.append((time.perf_counter() - started) * 1000)
-                for seq in range(rows):
-                    positions[seq] += 1
-            sweep[rows] = statistics.median(times)
-        return sweep
+        return measure_step_times(backend, most, reps)
     finally:
         backend.close()
+
+
+class NgramDrafts:
+    """Prompt-lookup drafts for one sequence: the token that followed the latest earlier
+    occurrence of its last 3 (else 2, else 1) tokens, from an index kept up to date per token."""
+
+    def __init__(self, history: Sequence[int]) -> None:
+        self.history: list[int] = []
+        self.follows: list[dict[tuple[int, ...], int]] = [{}, {}, {}]
+        for token in history:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        history = self.history
+        history.append(token)
+        for n in (1, 2, 3):
+            if len(history) > n:
+                self.follows[n - 1][tuple(history[-n - 1 : -1])] = token
+
+    def draft(self) -> int | None:
+        for n in (3, 2, 1):
+            found = self.follows[n - 1].get(tuple(self.history[-n:]))
+            if found is not None:
+                return found
+        return None
+
+
+def run_speculative(
+    model: str, n: int, tokens: int, threads: int, ctx: int, every_row: bool
+) -> dict[str, float]:
+    """The in-process loop with one n-gram draft token per row, verified exactly: a row samples
+    at its own position as usual and keeps the draft only when the sample equals it (for a
+    one-token draft that is speculative sampling's rule), then samples again after it. The
+    output has the plain loop's distribution, at up to two tokens a row per step. `every_row`:
+    rows with no n-gram match draft their last token, so that every sequence has two tokens in
+    the batch (llama.cpp splits a batch whose sequences have unequal counts into several)."""
+    from ..actors.engine.backend import BatchEntry, LlamaBackend
+
+    backend = LlamaBackend(model, n_seq_max=n, n_ctx_seq=ctx, n_batch=512, n_threads=threads)
+    try:
+        prompts = [backend.tokenize(PROMPTS[i % len(PROMPTS)], add_bos=True) for i in range(n)]
+        samplers = [
+            backend.new_sampler(SamplingParams(temp=TEMP, seed=i, ignore_eos=True), p)
+            for i, p in enumerate(prompts)
+        ]
+        started = time.perf_counter()
+        entries = []
+        last_index = []
+        for seq, prompt in enumerate(prompts):
+            for pos, token in enumerate(prompt):
+                entries.append(BatchEntry(token, pos, seq, pos == len(prompt) - 1))
+            last_index.append(len(entries) - 1)
+        backend.decode(entries)
+        drafts = [NgramDrafts(p) for p in prompts]
+        for seq in range(n):
+            drafts[seq].append(samplers[seq].sample(last_index[seq]))
+        generated = [1] * n
+        steps = drafted = accepted = 0
+        while min(generated) < tokens:
+            entries, plan = [], []
+            for seq in range(n):
+                if generated[seq] >= tokens:
+                    continue
+                history = drafts[seq].history
+                guess = drafts[seq].draft()
+                if guess is None and every_row:
+                    guess = history[-1]
+                plan.append((seq, len(entries), guess))
+                entries.append(BatchEntry(history[-1], len(history) - 1, seq, True))
+                if guess is not None:
+                    entries.append(BatchEntry(guess, len(history), seq, True))
+            backend.decode(entries)
+            steps += 1
+            for seq, index, guess in plan:
+                token = samplers[seq].sample(index)
+                drafts[seq].append(token)
+                generated[seq] += 1
+                if guess is None:
+                    continue
+                drafted += 1
+                if token == guess:
+                    accepted += 1
+                    drafts[seq].append(samplers[seq].sample(index + 1))
+                    generated[seq] += 1
+                elif not backend.seq_trim(seq, len(drafts[seq].history) - 1):
+                    raise RuntimeError("llama.cpp refused to remove a rejected draft")
+        elapsed = time.perf_counter() - started
+        for sampler in samplers:
+            sampler.free()
+        return {
+            "aggregate_tps": n * tokens / elapsed,
+            "steps": steps,
+            "drafted_rows": drafted / max(steps, 1),
+            "acceptance": accepted / max(drafted, 1),
+        }
+    finally:
+        backend.close()
+
+
+def measure_speculation(
+    model: str, streams: Sequence[int], tokens: int, threads: int, ctx: int, runs: int
+) -> dict[str, Any]:
+    """The plain loop against n-gram speculation (drafts where they match, and in every row),
+    interleaved, per N; medians of `runs`."""
+    variants: dict[str, Callable[[int], dict[str, float]]] = {
+        "plain": lambda n: {
+            "aggregate_tps": run_inprocess(model, n, tokens, threads, ctx).aggregate_tps
+        },
+        "matched_rows": lambda n: run_speculative(model, n, tokens, threads, ctx, False),
+        "every_row": lambda n: run_speculative(model, n, tokens, threads, ctx, True),
+    }
+    table = {}
+    for n in streams:
+        runs_of: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for _ in range(runs):
+            for name, measure in variants.items():
+                runs_of[name].append(measure(n))
+        row: dict[str, Any] = {}
+        for name, got in runs_of.items():
+            row[name] = _medians(got, list(got[0]))
+        for name in ("matched_rows", "every_row"):
+            row[name]["over_plain"] = row[name]["aggregate_tps"] / row["plain"]["aggregate_tps"]
+        table[str(n)] = row
+        print(
+            f"speculation N={n}: plain {row['plain']['aggregate_tps']:.1f} tok/s, drafts where "
+            f"matched {row['matched_rows']['over_plain']:.3f}x, in every row "
+            f"{row['every_row']['over_plain']:.3f}x",
+            file=sys.stderr,
+        )
+    return table
+
+
+def print_speculation(table: dict[str, Any]) -> None:
+    print("\nn-gram speculation in-process (one draft token per row; medians):")
+    print(f"{'N':>3} {'plain':>7} {'matched':>8} {'accept':>7} {'every row':>10} {'accept':>7}")
+    for n, row in table.items():
+        matched, every = row["matched_rows"], row["every_row"]
+        print(
+            f"{n:>3} {row['plain']['aggregate_tps']:>7.1f} {matched['over_plain']:>7.3f}x "
+            f"{matched['acceptance']:>7.2f} {every['over_plain']:>9.3f}x "
+            f"{every['acceptance']:>7.2f}"
+        )
 
 
 def count_tokens(model: str, text: str) -> int:
@@ -855,6 +982,12 @@ def bench(args: argparse.Namespace) -> int:
     prefix = _measure_prefix(args, model, threads) if args.prefix else None
     sessions = run_many_sessions(model, threads) if args.sessions else None
     rows = run_row_sweep(model, threads) if args.rows else None
+    speculated = [int(x) for x in args.speculation.split(",") if x.strip()]
+    speculation = (
+        measure_speculation(model, speculated, args.tokens, threads, args.ctx_size, args.runs)
+        if speculated
+        else None
+    )
     table = median_table(results, streams)
     if table:
         print_table(table)
@@ -869,6 +1002,8 @@ def bench(args: argparse.Namespace) -> int:
             "\ndecode step of N rows alone, in-process (ms): "
             + ", ".join(f"{n}: {ms:.1f}" for n, ms in rows.items())
         )
+    if speculation:
+        print_speculation(speculation)
     report = {
         "model": model,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -882,6 +1017,7 @@ def bench(args: argparse.Namespace) -> int:
         "shared_system_prompt": prefix,
         "many_sessions": sessions,
         "decode_step_ms_by_rows": rows,
+        "speculation": speculation,
         "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -907,6 +1043,12 @@ def add_bench_command(commands: Any) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--ctx-size", type=int, default=1024, help="context per stream")
     parser.add_argument("--llama-server", metavar="PATH", help="also measure this llama-server")
+    parser.add_argument(
+        "--speculation",
+        default="",
+        metavar="N,N,...",
+        help="in-process, at these stream counts: does n-gram speculative decoding pay here?",
+    )
     for flag, default, text in (
         ("--stall", True, "measure the stall a long prompt causes to 7 generating streams"),
         ("--prefix", True, "measure the first token of a session sharing a cached system prompt"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from inferencecenter.actors.engine.scheduling import (
     AGING_S,
+    RowPadding,
     StepCostModel,
     WaitQueue,
     effective_rank,
@@ -143,6 +144,36 @@ def test_padding_rounds_up_to_groups_of_four_when_slots_allow() -> None:
     assert padded_rows(7, spare=1) == 8
     assert padded_rows(6, spare=1) == 6  # two spare slots needed, one idle
     assert padded_rows(7, spare=0) == 7
+
+
+# Decode-only step times (ms) by row count, measured with `inferencecenter bench --rows` on two
+# machines of 2 cores (gemma 270M): AVX2 only, and AVX-512. Pure data for the padding choice.
+AVX2_STEP_MS = dict(enumerate(
+    [25.9, 48.1, 81.3, 61.7, 90.8, 78.5, 118.8, 100.4,
+     155.5, 121.7, 154.5, 111.8, 158.2, 151.0, 160.8, 156.9], start=1
+))  # fmt: skip
+AVX512_STEP_MS = dict(enumerate(
+    [10.2, 22.3, 28.7, 32.3, 45.6, 50.2, 56.1, 39.2,
+     53.4, 58.5, 64.9, 50.8, 64.5, 70.1, 76.6, 51.8], start=1
+))  # fmt: skip
+
+
+def test_measured_padding_takes_the_fastest_count_within_the_spare_slots() -> None:
+    padding = RowPadding(AVX2_STEP_MS)
+    assert [padding.rows_for(rows, spare=16 - rows) for rows in range(1, 17)] == [
+        1, 2, 4, 4, 6, 6, 8, 8, 12, 10, 12, 12, 13, 14, 15, 16
+    ]  # fmt: skip
+    assert padding.rows_for(9, spare=1) == 10  # 12 is out of reach, 10 still beats 9
+    assert padding.rows_for(3, spare=0) == 3
+    assert padding.rows_for(17, spare=8) == 17  # not measured: left alone
+    assert padding.padded_counts() == {3: 4, 5: 6, 7: 8, 9: 12, 11: 12}
+
+
+def test_measured_padding_needs_a_clear_gain() -> None:
+    padding = RowPadding(AVX512_STEP_MS)
+    chosen = [padding.rows_for(rows, spare=16 - rows) for rows in range(1, 17)]
+    # Groups of 4 where they clearly pay; 9 rows (53.4 ms) against 12 (50.8) is within noise.
+    assert chosen == [1, 2, 3, 4, 8, 8, 8, 8, 9, 12, 12, 12, 16, 16, 16, 16]
 
 
 def test_cost_model_stays_sane_when_every_step_has_the_same_rows() -> None:

@@ -174,15 +174,55 @@ class StepCostModel:
 
 # Rows of a decode step are padded to a multiple of this (see padded_rows).
 PAD_GROUP = 4
+# A padded step must take at most this share of the unpadded one's measured time to be chosen:
+# step times measured at start vary by several per cent on a busy machine.
+PAD_MARGIN = 0.9
 
 
 def padded_rows(rows: int, spare: int) -> int:
-    """The rows to decode `rows` generating streams with, given `spare` idle slots to pad with.
-    llama.cpp's repacked CPU kernels work on groups of 4 rows; measured on 2 cores (gemma 270M),
-    a step of 5, 6 or 7 streams took 51, 55 and 61 ms, one of 8 took 43; 9 to 15 took 57 to 77
-    ms, 12 and 16 took 53. Below 4 rows, 4 is slower than 1, 2 or 3. A fixed rule, not a
-    measured choice per step: temp-0 output then depends only on which sessions run."""
+    """`--batch-padding on`: the rows to decode `rows` generating streams with, given `spare`
+    idle slots to pad with. llama.cpp's repacked CPU kernels work on groups of 4 rows; measured
+    on 2 cores with AVX-512 (gemma 270M), a step of 5, 6 or 7 streams took 51, 55 and 61 ms, one
+    of 8 took 43; 9 to 15 took 57 to 77 ms, 12 and 16 took 53. Below 4 rows, 4 is slower than
+    1, 2 or 3 there. A fixed rule, not a choice per step: temp-0 output then depends only on
+    which sessions run."""
     if rows <= PAD_GROUP or rows % PAD_GROUP == 0:
         return rows
     rounded = -(-rows // PAD_GROUP) * PAD_GROUP
     return rounded if rounded - rows <= spare else rows
+
+
+class RowPadding:
+    """`--batch-padding auto`: the rows to decode `rows` streams with, from the decode-only step
+    times measured at start for each row count. Which counts llama.cpp's CPU kernels favour
+    depends on the machine: with AVX-512 multiples of 4 win and 4 rows are dear below 4; with
+    AVX2 (2 cores, gemma 270M) 3 rows took 81 ms and 4 took 62, 5 took 91 and 6 took 79, 7 took
+    119 and 8 took 100. The choice is fixed for the life of the process, like padded_rows'."""
+
+    def __init__(self, step_ms: dict[int, float]) -> None:
+        self.step_ms = dict(step_ms)
+        # The row count each count is best decoded with, for every number of slots to spare.
+        self._best: dict[tuple[int, int], int] = {}
+
+    def rows_for(self, rows: int, spare: int) -> int:
+        key = (rows, spare)
+        best = self._best.get(key)
+        if best is None:
+            best = self._best[key] = self._choose(rows, spare)
+        return best
+
+    def _choose(self, rows: int, spare: int) -> int:
+        own = self.step_ms.get(rows)
+        if own is None:
+            return rows
+        candidates = [more for more in range(rows + 1, rows + spare + 1) if more in self.step_ms]
+        if not candidates:
+            return rows
+        fastest = min(candidates, key=lambda more: (self.step_ms[more], more))
+        return fastest if self.step_ms[fastest] <= PAD_MARGIN * own else rows
+
+    def padded_counts(self) -> dict[int, int]:
+        """Each measured count that is padded with slots to spare, and what to."""
+        most = max(self.step_ms, default=0)
+        chosen = {rows: self.rows_for(rows, most - rows) for rows in self.step_ms}
+        return {rows: more for rows, more in chosen.items() if more != rows}

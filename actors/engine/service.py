@@ -8,10 +8,10 @@ goes to host memory when another needs its slot and comes back when it is used a
 
 from __future__ import annotations
 
-import statistics
 import time
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,14 @@ from ..actor import (
 )
 from .backend import BatchEntry, DecodeError, LlamaBackend, Sampler
 from .chat import ChatRenderer
-from .scheduling import PAD_GROUP, StepCostModel, WaitQueue, padded_rows, prefill_order
+from .scheduling import (
+    PAD_GROUP,
+    RowPadding,
+    StepCostModel,
+    WaitQueue,
+    padded_rows,
+    prefill_order,
+)
 from .text import TextStream
 from .worker import DecodeThread, Step, StepResult
 
@@ -108,10 +115,11 @@ class Engine:
         backend: LlamaBackend,
         sessions_link: ActorLink | None = None,
         monitor: ActorLink | None = None,
-        pad_batches: bool = False,
+        pad_rows: Callable[[int, int], int] | None = None,
     ) -> None:
         self.config = config
-        self.pad_batches = pad_batches
+        # (rows, idle slots) -> rows to decode them with: padded_rows, RowPadding or none.
+        self.pad_rows = pad_rows
         self.sessions_link = sessions_link
         self.monitor = monitor
         self.backend = backend
@@ -578,7 +586,7 @@ class Engine:
         return entries, plan
 
     def decode_rows(self, rows: int, spare: int) -> int:
-        return padded_rows(rows, spare) if self.pad_batches else rows
+        return self.pad_rows(rows, spare) if self.pad_rows is not None else rows
 
     def padding(self, entries: list[BatchEntry]) -> list[tuple[int, int]]:
         """Throw-away rows that make a decode-only step faster (see padded_rows): (slot,
@@ -586,7 +594,7 @@ class Engine:
         after the step; nearest the generating slots first, since llama.cpp's attention spans
         the range of sequences in a batch."""
         rows = len(entries)
-        if not self.pad_batches or rows <= PAD_GROUP:
+        if self.pad_rows is None:
             return []
         spare = [
             (index, 0 if holder is None or holder.clear_slot else holder.n_past)
@@ -986,31 +994,50 @@ def load_backend(config: Config) -> LlamaBackend:
     )
 
 
-def padding_pays(backend: LlamaBackend) -> tuple[bool, float, float]:
-    """Whether padding decode steps to groups of PAD_GROUP rows pays on this machine: a step of
-    7 rows against one of 8, timed in empty slots at start (a fraction of a second on CPU).
-    Returns the answer and the two medians in ms."""
-    rows = 2 * PAD_GROUP
-    if backend.n_seq_max < rows:
-        return False, 0.0, 0.0
+# Row counts timed at start for --batch-padding auto (more would lengthen the start).
+PAD_MEASURED_ROWS = 16
+
+
+def measure_step_times(backend: LlamaBackend, most: int, reps: int = 3) -> dict[int, float]:
+    """The time of a decode-only step of 1..`most` rows (one token of each of that many
+    contiguous empty sequences), the fastest of `reps` after one that builds the compute graphs;
+    the counts are interleaved so that the machine's noise hits all alike. A fraction of a
+    second to a few seconds on CPU; the sequences are emptied after."""
+    most = min(most, backend.n_seq_max)
     token = backend.tokenize("the", add_bos=False)[0]
-    positions = [0] * rows
-    times: dict[int, list[float]] = {rows - 1: [], rows: []}
+    positions = [0] * most
+    times: dict[int, list[float]] = {rows: [] for rows in range(1, most + 1)}
     try:
-        for rep in range(5):
-            for count in (rows - 1, rows):
-                entries = [BatchEntry(token, positions[s], s, True) for s in range(count)]
+        for rep in range(reps + 1):
+            for rows in times:
+                entries = [BatchEntry(token, positions[s], s, True) for s in range(rows)]
                 started = time.perf_counter()
                 backend.decode(entries)
-                if rep > 0:  # the first steps allocate the compute graphs
-                    times[count].append((time.perf_counter() - started) * 1000)
-                for s in range(count):
+                if rep > 0:
+                    times[rows].append((time.perf_counter() - started) * 1000)
+                for s in range(rows):
                     positions[s] += 1
     finally:
-        for s in range(rows):
+        for s in range(most):
             backend.seq_clear(s)
-    fewer, more = (statistics.median(times[count]) for count in (rows - 1, rows))
-    return more < 0.9 * fewer, fewer, more
+    return {rows: min(ms) for rows, ms in times.items()}
+
+
+def choose_padding(config: Config, backend: LlamaBackend) -> Callable[[int, int], int] | None:
+    """--batch-padding: off, the fixed groups-of-4 rule, or (auto) a table from step times
+    measured here and now."""
+    if config.batch_padding == "off":
+        return None
+    if config.batch_padding == "on":
+        return padded_rows
+    step_ms = measure_step_times(backend, PAD_MEASURED_ROWS)
+    padding = RowPadding(step_ms)
+    log.info(
+        "batch padding measured",
+        step_ms={rows: round(ms, 1) for rows, ms in step_ms.items()},
+        padded={f"{rows} rows": more for rows, more in padding.padded_counts().items()},
+    )
+    return padding.rows_for
 
 
 async def main(config: Config, stop: trio.Event) -> None:
@@ -1025,17 +1052,10 @@ async def main(config: Config, stop: trio.Event) -> None:
         ctx_size=backend.n_ctx_seq,
         gpu_layers=backend.gpu_layers_used,
     )
-    pad_batches = config.batch_padding == "on"
-    if config.batch_padding == "auto":
-        pad_batches, fewer, more = await trio.to_thread.run_sync(padding_pays, backend)
-        log.info(
-            "batch padding " + ("on" if pad_batches else "off"),
-            step_7_rows_ms=round(fewer, 1),
-            step_8_rows_ms=round(more, 1),
-        )
+    pad_rows = await trio.to_thread.run_sync(choose_padding, config, backend)
     sessions_link = ActorLink(internal.SESSIONS, config)
     monitor = ActorLink(internal.MONITOR, config)
-    engine = Engine(config, backend, sessions_link, monitor, pad_batches)
+    engine = Engine(config, backend, sessions_link, monitor, pad_rows)
     assert set(engine.handlers) == set(internal.ENGINE_OPS)
     try:
         async with trio.open_nursery() as nursery:
