@@ -105,7 +105,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-padding",
         choices=("auto", "on", "off"),
         default="auto",
-        help="pad decode steps to groups of 4 rows (auto: if faster here, measured at start)",
+        help="pad decode steps where more rows run faster (auto: step times measured at start; "
+        "on: groups of 4)",
     )
     parser.add_argument("--state-dir", help="keep sessions here across restarts of the daemon")
     parser.add_argument(
