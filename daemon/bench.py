@@ -31,13 +31,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from ..protocol import wire
 from ..protocol.messages import SamplingParams
 from .config import default_model_path
+
+if TYPE_CHECKING:
+    from ..actors.engine.backend import LlamaBackend, Sampler
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -145,25 +148,38 @@ def _medians(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> dict[str,
 # ---- in-process loop ----------------------------------------------------------------------
 
 
+def _open_streams(backend: LlamaBackend, n: int) -> tuple[list[list[int]], list[Sampler]]:
+    """The bench's prompts for n streams, tokenized, and a sampler each (seed = stream)."""
+    prompts = [backend.tokenize(PROMPTS[i % len(PROMPTS)], add_bos=True) for i in range(n)]
+    samplers = [
+        backend.new_sampler(SamplingParams(temp=TEMP, seed=i, ignore_eos=True), p)
+        for i, p in enumerate(prompts)
+    ]
+    return prompts, samplers
+
+
+def _prefill(backend: LlamaBackend, prompts: list[list[int]], samplers: list[Sampler]) -> list[int]:
+    """All prompts in one llama_decode, sequence i for prompt i; the first token of each."""
+    from ..actors.engine.backend import BatchEntry
+
+    entries = []
+    last_index = []
+    for seq, prompt in enumerate(prompts):
+        for pos, token in enumerate(prompt):
+            entries.append(BatchEntry(token, pos, seq, pos == len(prompt) - 1))
+        last_index.append(len(entries) - 1)
+    backend.decode(entries)
+    return [sampler.sample(index) for sampler, index in zip(samplers, last_index, strict=True)]
+
+
 def run_inprocess(model: str, n: int, tokens: int, threads: int, ctx: int) -> Measurement:
     from ..actors.engine.backend import BatchEntry, LlamaBackend
 
     backend = LlamaBackend(model, n_seq_max=n, n_ctx_seq=ctx, n_batch=512, n_threads=threads)
     try:
-        prompts = [backend.tokenize(PROMPTS[i % len(PROMPTS)], add_bos=True) for i in range(n)]
-        samplers = [
-            backend.new_sampler(SamplingParams(temp=TEMP, seed=i, ignore_eos=True), p)
-            for i, p in enumerate(prompts)
-        ]
+        prompts, samplers = _open_streams(backend, n)
         started = time.perf_counter()
-        entries = []
-        last_index = []
-        for seq, prompt in enumerate(prompts):
-            for pos, token in enumerate(prompt):
-                entries.append(BatchEntry(token, pos, seq, pos == len(prompt) - 1))
-            last_index.append(len(entries) - 1)
-        backend.decode(entries)
-        next_tokens = [samplers[s].sample(last_index[s]) for s in range(n)]
+        next_tokens = _prefill(backend, prompts, samplers)
         first = time.perf_counter()
         positions = [len(p) for p in prompts]
         for _ in range(tokens - 1):
@@ -233,22 +249,11 @@ def run_speculative(
 
     backend = LlamaBackend(model, n_seq_max=n, n_ctx_seq=ctx, n_batch=512, n_threads=threads)
     try:
-        prompts = [backend.tokenize(PROMPTS[i % len(PROMPTS)], add_bos=True) for i in range(n)]
-        samplers = [
-            backend.new_sampler(SamplingParams(temp=TEMP, seed=i, ignore_eos=True), p)
-            for i, p in enumerate(prompts)
-        ]
+        prompts, samplers = _open_streams(backend, n)
         started = time.perf_counter()
-        entries = []
-        last_index = []
-        for seq, prompt in enumerate(prompts):
-            for pos, token in enumerate(prompt):
-                entries.append(BatchEntry(token, pos, seq, pos == len(prompt) - 1))
-            last_index.append(len(entries) - 1)
-        backend.decode(entries)
         drafts = [NgramDrafts(p) for p in prompts]
-        for seq in range(n):
-            drafts[seq].append(samplers[seq].sample(last_index[seq]))
+        for seq, token in enumerate(_prefill(backend, prompts, samplers)):
+            drafts[seq].append(token)
         generated = [1] * n
         steps = drafted = accepted = 0
         while min(generated) < tokens:
