@@ -257,7 +257,8 @@ def run_speculative(
         generated = [1] * n
         steps = drafted = accepted = 0
         while min(generated) < tokens:
-            entries, plan = [], []
+            entries: list[BatchEntry] = []
+            plan: list[tuple[int, int, int | None]] = []  # (sequence, its row, its draft)
             for seq in range(n):
                 if generated[seq] >= tokens:
                     continue
