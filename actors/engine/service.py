@@ -1005,10 +1005,12 @@ def measure_step_times(backend: LlamaBackend, most: int, reps: int = 3) -> dict[
     second to a few seconds on CPU; the sequences are emptied after."""
     most = min(most, backend.n_seq_max)
     token = backend.tokenize("the", add_bos=False)[0]
-    positions = [0] * most
     times: dict[int, list[float]] = {rows: [] for rows in range(1, most + 1)}
     try:
         for rep in range(reps + 1):
+            positions = [0] * most  # each pass from empty sequences: `most` tokens deep at most
+            for s in range(most):
+                backend.seq_clear(s)
             for rows in times:
                 entries = [BatchEntry(token, positions[s], s, True) for s in range(rows)]
                 started = time.perf_counter()
