@@ -201,17 +201,8 @@ class RowPadding:
 
     def __init__(self, step_ms: dict[int, float]) -> None:
         self.step_ms = dict(step_ms)
-        # The row count each count is best decoded with, for every number of slots to spare.
-        self._best: dict[tuple[int, int], int] = {}
 
     def rows_for(self, rows: int, spare: int) -> int:
-        key = (rows, spare)
-        best = self._best.get(key)
-        if best is None:
-            best = self._best[key] = self._choose(rows, spare)
-        return best
-
-    def _choose(self, rows: int, spare: int) -> int:
         own = self.step_ms.get(rows)
         if own is None:
             return rows

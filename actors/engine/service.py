@@ -589,12 +589,14 @@ class Engine:
         return self.pad_rows(rows, spare) if self.pad_rows is not None else rows
 
     def padding(self, entries: list[BatchEntry]) -> list[tuple[int, int]]:
-        """Throw-away rows that make a decode-only step faster (see padded_rows): (slot,
+        """Throw-away rows that make a decode-only step faster (see `pad_rows`): (slot,
         position) in slots whose session is not generating, appended after its KV and removed
         after the step; nearest the generating slots first, since llama.cpp's attention spans
         the range of sequences in a batch."""
         rows = len(entries)
-        if self.pad_rows is None:
+        # A row count that is not padded even with every other slot idle is never padded: the
+        # usual case (one stream, or a count the kernels like) skips the look at the slots.
+        if self.decode_rows(rows, self.backend.n_seq_max - rows) == rows:
             return []
         spare = [
             (index, 0 if holder is None or holder.clear_slot else holder.n_past)
