@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml | $(CUDA_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c "from inferencecenter.daemon.config import default_model_path as p; print('model:', p())"
+	$(PY) -c "from inferencecenter.actors.config import default_model_path as p; print('model:', p())"
 	touch $(STAMP)
 
 install: $(STAMP)

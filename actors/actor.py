@@ -16,8 +16,8 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ..daemon.config import Config
-from ..daemon.logs import EventLog, setup_logging
+from .config import Config
+from .logs import EventLog, setup_logging
 from ..protocol import internal
 from ..protocol.errors import InternalError, ProtocolError, error_from_body
 from ..protocol.zmqtrio import TrioSocket

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import trio
 
-from ..daemon.config import Config
-from ..daemon.logs import EventLog
+from .config import Config
+from .logs import EventLog
 from ..protocol import clientsfile, internal
 from ..protocol.clientsfile import ClientEntry, ClientsFileError
 from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor

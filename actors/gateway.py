@@ -12,8 +12,8 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ..daemon.config import Config
-from ..daemon.logs import EventLog
+from .config import Config
+from .logs import EventLog
 from ..protocol import internal, messages, wire
 from ..protocol.errors import (
     InternalError,

@@ -12,8 +12,8 @@ import psutil
 import trio
 import zmq
 
-from ..daemon.config import Config
-from ..daemon.logs import EventLog
+from .config import Config
+from .logs import EventLog
 from ..protocol import internal, wire
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorServer, Body, Caller, report_to_supervisor

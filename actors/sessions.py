@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-from ..daemon.config import Config
-from ..daemon.logs import EventLog
+from .config import Config
+from .logs import EventLog
 from ..protocol import internal
 from ..protocol.errors import Forbidden, LimitReached, NotFound
 from .actor import ActorServer, Body, Caller, report_to_supervisor

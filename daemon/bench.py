@@ -37,7 +37,7 @@ import zmq
 
 from ..protocol import wire
 from ..protocol.messages import SamplingParams
-from .config import default_model_path
+from ..actors.config import default_model_path
 
 if TYPE_CHECKING:
     from ..actors.engine.backend import LlamaBackend, Sampler

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, add_serve_arguments, config_from_args
-from .logs import EventLog, setup_logging
+from ..actors.config import ConfigError, add_serve_arguments, config_from_args
+from ..actors.logs import EventLog, setup_logging
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_command
 
     add_bench_command(commands)
-    from .fit import add_fit_command
+    from ..actors.engine.fit import add_fit_command
 
     add_fit_command(commands)
     try:

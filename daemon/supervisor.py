@@ -18,8 +18,8 @@ from pathlib import Path
 import zmq
 
 from ..protocol import internal
-from .config import Config
-from .logs import EventLog
+from ..actors.config import Config
+from ..actors.logs import EventLog
 
 log = EventLog("supervisor")
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from inferencecenter.daemon.config import default_model_path
-from inferencecenter.daemon.fit import MIB, ModelLayout, SplitPlan, plan_split, read_layout
+from inferencecenter.actors.config import default_model_path
+from inferencecenter.actors.engine.fit import MIB, ModelLayout, SplitPlan, plan_split, read_layout
 
 GEMMA_270M_BLOCKS = 18
 

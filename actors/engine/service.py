@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-from ...daemon.config import Config
-from ...daemon.logs import EventLog
+from ..config import Config
+from ..logs import EventLog
 from ...protocol import internal
 from ...protocol.errors import BadRequest, Busy, Overloaded
 from ...protocol.messages import SamplingParams
@@ -962,7 +962,7 @@ def load_backend(config: Config) -> LlamaBackend:
     """Load the model; `--gpu-layers -1` offloads as many layers as the free VRAM holds."""
     import llama_cpp
 
-    from ...daemon.fit import FitError, gpu_vram_free_mb, plan_split
+    from .fit import FitError, gpu_vram_free_mb, plan_split
 
     gpu_layers = config.gpu_layers
     if gpu_layers == -1:

@@ -383,7 +383,7 @@ def format_plan(plan: SplitPlan, source: str) -> str:
 
 
 def fit(args: argparse.Namespace) -> int:
-    from .config import default_model_path
+    from ..config import default_model_path
 
     for name, value, least in (
         ("--parallel", args.parallel, 1),
