@@ -16,11 +16,11 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .config import Config
-from .logs import EventLog, setup_logging
 from ..protocol import internal
 from ..protocol.errors import InternalError, ProtocolError, error_from_body
 from ..protocol.zmqtrio import TrioSocket
+from .config import Config
+from .logs import EventLog, setup_logging
 
 Body = dict[str, Any]
 
@@ -168,6 +168,9 @@ class ActorLink:
             body = internal.unpack(frames[-1])
         except Exception:
             return
+        if body.get("op") == internal.TOKENS:
+            self.fan_out(body)
+            return
         pending = self._pending.get(int(body.get("ref", 0)))
         if pending is None:
             return
@@ -175,6 +178,15 @@ class ActorLink:
             pending.on_message(body)
         elif pending.reply is not None:
             pending.reply.send_nowait(body)
+
+    def fan_out(self, body: Body) -> None:
+        """A step's tokens, each to its stream as a TOKEN message."""
+        for ref, seq, content in body.get("rows", ()):
+            pending = self._pending.get(ref)
+            if pending is not None and pending.on_message is not None:
+                pending.on_message(
+                    {"op": internal.TOKEN, "ref": ref, "seq": seq, "content": content}
+                )
 
     def push(self, op: str, **fields: Any) -> None:
         """Fire and forget (no reply expected)."""

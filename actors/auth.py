@@ -8,11 +8,11 @@ from pathlib import Path
 
 import trio
 
-from .config import Config
-from .logs import EventLog
 from ..protocol import clientsfile, internal
 from ..protocol.clientsfile import ClientEntry, ClientsFileError
 from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
+from .config import Config
+from .logs import EventLog
 
 log = EventLog("auth")
 

@@ -12,11 +12,11 @@ import psutil
 import trio
 import zmq
 
-from .config import Config
-from .logs import EventLog
 from ..protocol import internal, wire
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorServer, Body, Caller, report_to_supervisor
+from .config import Config
+from .logs import EventLog
 from .prometheus import PrometheusExporter
 
 log = EventLog("monitor")

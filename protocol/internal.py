@@ -28,6 +28,9 @@ REPLY = "reply"
 ERROR = "error"
 TOKEN = "token"
 END = "end"
+# The engine's tokens of one step for one front actor, as rows [ref, seq, content]: the front
+# actor hands each to its stream as a TOKEN (one message a step instead of one a token).
+TOKENS = "tokens"
 
 # Ops each actor serves (its handler table must match this list).
 AUTH_OPS = ("authenticate",)

@@ -23,10 +23,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
-from .backend import BatchEntry, Sampler
+from .backend import BatchEntry
+
+if TYPE_CHECKING:
+    from .jobs import Backend, Sampler
 
 Pads = list[tuple[int, int]]  # (slot, position) of throw-away rows
 
@@ -72,6 +76,19 @@ class StepResult:
 
 
 RunStep = Callable[[Step], tuple[list[int], list[int], int]]
+
+
+def run_step(run: RunStep, step: Step) -> StepResult:
+    """Run one step and time it; an error is handed to the loop in the result, which decides."""
+    result = StepResult(step)
+    started = time.perf_counter()
+    try:
+        result.tokens, result.spoilt, result.pads_used = run(step)
+    except BaseException as exc:
+        result.error = exc
+    step.decoding()  # the previous result, if the step failed before its decode
+    result.ms = (time.perf_counter() - started) * 1000
+    return result
 
 
 class Mailbox:
@@ -150,15 +167,7 @@ class DecodeThread:
         self.results.put(result)
 
     def _run(self, step: Step) -> StepResult:
-        result = StepResult(step)
-        started = time.perf_counter()
-        try:
-            result.tokens, result.spoilt, result.pads_used = self.run_step(step)
-        except BaseException as exc:  # handed to the loop, which decides
-            result.error = exc
-        step.decoding()  # the previous result, if run_step failed before its decode
-        result.ms = (time.perf_counter() - started) * 1000
-        return result
+        return run_step(self.run_step, step)
 
     def _following(self, step: Step, result: StepResult) -> Step | None:
         if result.error is not None or step.rows_left is None or self.hold.is_set():
@@ -169,3 +178,30 @@ class DecodeThread:
             if stops and self.is_eog(token):
                 return None
         return step.following(result.tokens)
+
+
+def execute_step(backend: Backend, step: Step) -> tuple[list[int], list[int], int]:
+    """The decode and sampling of a step, in the decode thread (ctypes releases the GIL, so
+    the actor's socket tasks keep running meanwhile). Padding rows go after the KV of idle
+    slots and are removed after. Returns the tokens, the slots whose padding could not be
+    removed (their KV must be rebuilt) and the padding rows used."""
+    entries = step.entries
+    used = []
+    for slot, pos in step.pads:
+        if pos == 0:
+            backend.seq_clear(slot)
+        if backend.seq_pos_max(slot) == pos - 1:  # never a gap: llama.cpp would refuse
+            used.append((slot, pos))
+    if used:
+        token = entries[0].token
+        entries = entries + [BatchEntry(token, pos, slot, True) for slot, pos in used]
+    spoilt = []
+    step.decoding()
+    try:
+        backend.decode(entries)
+    finally:
+        for slot, pos in used:
+            if not backend.seq_trim(slot, pos):
+                spoilt.append(slot)
+    tokens = [sampler.sample(index) for sampler, index in step.sample_at]
+    return tokens, spoilt, len(used)
