@@ -127,6 +127,16 @@ def test_special_tokens_parse_and_render_as_nothing(backend: LlamaBackend) -> No
     assert b"".join(backend.token_bytes(t) for t in tokens) == b"user\nHi"
 
 
+def test_markers_render_as_nothing_but_text_kept_whole_does_not(backend: LlamaBackend) -> None:
+    # `inferencecenter infer "The capital of France is"` printed <start_of_image> before.
+    for marker in ("<start_of_image>", "<end_of_image>"):
+        (token,) = backend.tokenize(marker, add_bos=False)
+        assert backend.token_bytes(token) == b""
+    for text in ("<table>", "\n\n", "    "):
+        (token,) = backend.tokenize(text, add_bos=False)
+        assert backend.token_bytes(token) == text.encode()
+
+
 def test_two_sequences_in_one_batch_start_like_each_alone(backend: LlamaBackend) -> None:
     a = prompt_tokens(backend, "What is the capital of France?")
     b = prompt_tokens(backend, "Name three colours.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,12 @@ from ...protocol.messages import SamplingParams
 
 GGUF_MAGIC = b"GGUF"
 LOG_ENV = "INFERENCECENTER_LLAMA_LOG"
+# A GGUF types a model's markers (`<start_of_image>`, `[multimodal]`) and text it keeps whole
+# (runs of spaces and newlines, `<table>`) alike, as user-defined tokens that llama.cpp always
+# renders. Markers are told apart by their shape: words joined by `_` in angle brackets, or one
+# word in square brackets; HTML tags have no `_`.
+USER_DEFINED = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+MARKER = re.compile(rb"<[a-z]+(?:_[a-z]+)+>|\[[a-z]+\]")
 # Tokens whose history the repeat penalty looks at.
 PENALTY_LAST_N = 64
 
@@ -205,7 +212,8 @@ class LlamaBackend:
             capacity = -n
 
     def token_bytes(self, token: int) -> bytes:
-        """The bytes a token stands for; control tokens (e.g. `<end_of_turn>`) give b""."""
+        """The bytes a token stands for; control tokens (e.g. `<end_of_turn>`) and markers
+        typed as user-defined (gemma's `<start_of_image>`) give b""."""
         piece = self._piece_cache.get(token)
         if piece is not None:
             return piece
@@ -218,6 +226,10 @@ class LlamaBackend:
                 break
             size = -n
         piece = buffer.raw[:n]
+        if llama_cpp.llama_vocab_get_attr(self._vocab, token) & USER_DEFINED and (
+            MARKER.fullmatch(piece)
+        ):
+            piece = b""
         self._piece_cache[token] = piece
         return piece
 
