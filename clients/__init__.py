@@ -15,8 +15,10 @@ from inferencecenter.protocol.errors import (
 )
 
 from .async_client import AsyncClient, AsyncGeneration, AsyncSession
-from .client import Client, ConnectionLost, EndpointError, Generation, Session
+from .client import Client, Generation, Session
+from .core import ConnectionLost
 from .credentials import Credentials, CredentialsError
+from .dealer import EndpointError
 from .metrics import MetricsSubscriber
 
 __all__ = [

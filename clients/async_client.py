@@ -28,26 +28,25 @@ from inferencecenter.protocol.messages import (
 from inferencecenter.protocol.zmqtrio import TrioSocket
 
 from . import credentials
-from .client import (
+from .core import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
     UP,
     Body,
+    ConnectionLost,
     Frames,
+    GenerationBase,
+    Received,
     RequestTracker,
-    StreamView,
     TokenStream,
     auth_request,
     check_auth,
-    close_dealer,
     expect,
     infer_request,
-    link_event,
-    nobody_answers,
-    open_dealer,
     reply_fields,
 )
+from .dealer import close_dealer, open_dealer, read_ready
 
 # Longest wait on the monitor's FD before it is read anyway (it is edge-triggered).
 MONITOR_HEDGE_S = 0.5
@@ -288,28 +287,12 @@ class AsyncClient:
             self._read_monitor()
 
     def _read_monitor(self, reply: Frames | None = None) -> None:
-        """Hand the tracker the monitor's pending events, then `reply`. A drop takes with it the
-        replies ready when it is seen (`reply` among them): they came before it, or answer
-        copies queued for the new connection (and so come before anything sent after it)."""
+        """Hand the tracker the monitor's pending events, then `reply` (see read_ready)."""
         assert self._socket is not None and self._monitor is not None
-        replies = [] if reply is None else [reply]
-        while True:
-            try:
-                event = link_event(self._monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            if event == zmq.EVENT_DISCONNECTED:
-                while True:
-                    try:
-                        replies.append(self._socket.sock.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-                self._tracker.take(event, replies)
-                replies = []
-            else:
-                self._tracker.take(event, [])
-        if replies:
-            self._tracker.take(0, replies)
+        read: list[Received] = []
+        read_ready(self._socket.sock, self._monitor, [] if reply is None else [reply], read, False)
+        for link, replies in read:
+            self._tracker.take(link, replies)
 
 
 class AsyncSession:
@@ -335,7 +318,8 @@ class AsyncSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.client.closed or nobody_answers(exc, self.client._connected):
+        lost = isinstance(exc, ConnectionLost) and not self.client._connected
+        if self.client.closed or isinstance(exc, TimeoutError) or lost:
             return  # nobody to tell, or nobody answering: do not wait a second timeout
         with trio.CancelScope(shield=True):
             if exc is None:
@@ -368,7 +352,7 @@ class AsyncSession:
         )
 
 
-class AsyncGeneration(StreamView, AsyncIterator[str]):
+class AsyncGeneration(GenerationBase[Any], AsyncIterator[str]):
     """The pieces of one `infer`, in order; `.stats` and `.finish_reason` are set at the end."""
 
     def __init__(self, session: AsyncSession, body: Body) -> None:
