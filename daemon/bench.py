@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket as net
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ..actors.config import default_model_path
 from ..protocol import wire
 from ..protocol.messages import SamplingParams
-from ..actors.config import default_model_path
+from .testing import free_ports
 
 if TYPE_CHECKING:
     from ..actors.engine.backend import LlamaBackend, Sampler
@@ -355,18 +355,6 @@ def count_tokens(model: str, text: str) -> int:
 
 
 # ---- the daemon ---------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (all held bound while picked, so none comes twice)."""
-    probes = [net.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
 
 
 class DaemonUnderTest:

@@ -30,9 +30,8 @@ from inferencecenter.clients import (
     credentials,
 )
 from inferencecenter.clients.client import ConnectionLost
+from inferencecenter.daemon.testing import Daemon, free_port, start_daemon, stop_daemon
 from inferencecenter.protocol import clientsfile, wire
-
-from .conftest import Daemon, free_port, start_daemon, stop_daemon
 
 GREEDY: dict[str, Any] = {"temp": 0.0, "max_tokens": 16}
 STATS_KEYS = {"prompt_tokens", "cached_tokens", "tokens", "ttft_ms", "total_ms", "tps"}

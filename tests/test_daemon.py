@@ -9,38 +9,15 @@ import msgpack
 import pytest
 import zmq
 
+from inferencecenter.daemon.testing import (
+    Daemon,
+    RawClient,
+    new_session,
+    run_infer,
+)
 from inferencecenter.protocol import wire
 
-from .conftest import Daemon, RawClient
-
 GREEDY = {"temp": 0, "max_tokens": 24}
-
-
-def new_session(client: RawClient, **fields: Any) -> str:
-    reply = client.request({"op": "create_session", "id": "c", **fields})
-    assert reply["op"] == "session_created", reply
-    return str(reply["session_id"])
-
-
-def run_infer(
-    client: RawClient, session_id: str, request_id: Any = "i", **fields: Any
-) -> tuple[str, dict[str, Any]]:
-    client.send({"op": "infer", "id": request_id, "session_id": session_id, **fields})
-    tokens, end = client.stream(request_id)
-    assert end["op"] == "end", end
-    assert [t["seq"] for t in tokens] == list(range(len(tokens)))
-    return "".join(t["content"] for t in tokens), end
-
-
-def reference_reply(client: RawClient, prompts: list[str], params: dict[str, Any]) -> str:
-    """The last reply of a new session given `prompts` in turn, alone: what a session with the
-    same conversation must answer at `temp: 0`. The session is closed after."""
-    session_id = new_session(client)
-    text = ""
-    for prompt in prompts:
-        text, _ = run_infer(client, session_id, prompt=prompt, params=params)
-    client.request({"op": "close_session", "session_id": session_id})
-    return text
 
 
 # ---- before auth -------------------------------------------------------------------------

@@ -46,7 +46,8 @@ import zmq
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from .conftest import Daemon
+from inferencecenter.daemon.testing import Daemon
+
 from .test_protocol_unit import PROTOCOL_ERROR_CODES
 
 TAG = b"ICP1"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from .conftest import (
+from inferencecenter.daemon.testing import (
     RawClient,
     free_port,
     free_ports,

@@ -11,10 +11,16 @@ from pathlib import Path
 import zmq
 
 from inferencecenter.actors.monitor import ALERT_REPEAT_S, Alert
+from inferencecenter.daemon.testing import (
+    Daemon,
+    RawClient,
+    free_port,
+    new_session,
+    run_infer,
+    start_daemon,
+    stop_daemon,
+)
 from inferencecenter.protocol import wire
-
-from .conftest import Daemon, RawClient, free_port, start_daemon, stop_daemon
-from .test_daemon import new_session, run_infer
 
 
 def subscribe(endpoint: str, topic: bytes) -> zmq.Socket[bytes]:

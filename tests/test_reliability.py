@@ -11,18 +11,17 @@ import pytest
 
 from inferencecenter.clients import Client
 from inferencecenter.clients.client import ConnectionLost
-
-from .conftest import Daemon, RawClient, start_daemon, stop_daemon
-from .test_daemon import new_session, run_infer
+from inferencecenter.daemon.testing import (
+    Daemon,
+    RawClient,
+    actor_process,
+    new_session,
+    run_infer,
+    start_daemon,
+    stop_daemon,
+)
 
 GREEDY = {"temp": 0, "max_tokens": 12, "ignore_eos": True}
-
-
-def actor_process(daemon: Daemon, name: str) -> psutil.Process:
-    for child in psutil.Process(daemon.process.pid).children():
-        if f"inferencecenter-{name}" in " ".join(child.cmdline()):
-            return child
-    raise AssertionError(f"no {name} process")
 
 
 def wait_until_serving(client: RawClient, session_id: str, deadline_s: float) -> dict:

@@ -8,10 +8,16 @@ import random
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from .conftest import Daemon, RawClient, start_daemon, stop_daemon
-from .test_daemon import new_session, reference_reply, run_infer
+from inferencecenter.daemon.testing import (
+    Daemon,
+    RawClient,
+    actor_process,
+    new_session,
+    reference_reply,
+    run_infer,
+    start_daemon,
+    stop_daemon,
+)
 
 LONG = {"max_tokens": 2000, "ignore_eos": True}
 
@@ -32,13 +38,6 @@ def roomy_client(daemon: Daemon) -> RawClient:
     )
     clients.write_text(json.dumps(data))
     return client_for(daemon, "many", "many-key-0123456789")
-
-
-def engine_process(daemon: Daemon) -> psutil.Process:
-    for child in psutil.Process(daemon.process.pid).children():
-        if "inferencecenter-engine" in " ".join(child.cmdline()):
-            return child
-    raise AssertionError("no engine process")
 
 
 def test_high_priority_gets_the_free_slot_first(tmp_path: Path) -> None:
@@ -293,7 +292,7 @@ def test_two_hundred_sessions_with_bounded_memory(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path, "--parallel", "4", "--session-cache-mb", "16")
     try:
         client = roomy_client(daemon)
-        engine = engine_process(daemon)
+        engine = actor_process(daemon, "engine")
         baseline = engine.memory_info().rss
         sessions: list[str] = []
         ends: list[dict[str, Any]] = []

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .conftest import RawClient, start_daemon, stop_daemon
-from .test_daemon import new_session, reference_reply, run_infer
+from inferencecenter.daemon.testing import (
+    RawClient,
+    new_session,
+    reference_reply,
+    run_infer,
+    start_daemon,
+    stop_daemon,
+)
 
 
 def test_evicted_session_continues_its_conversation(tmp_path: Path) -> None:

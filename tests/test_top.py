@@ -22,8 +22,7 @@ from rich.console import Console
 
 from inferencecenter.clients import MetricsSubscriber
 from inferencecenter.clients.top import EVENTS_SHOWN, DashboardState, render, sparkline
-
-from .conftest import Daemon
+from inferencecenter.daemon.testing import Daemon
 
 ENDPOINT = "tcp://192.0.2.7:5556"
 T0 = 1_795_323_400.0

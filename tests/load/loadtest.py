@@ -36,16 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import psutil
-import zmq
 
+from inferencecenter.daemon.testing import (
+    Daemon,
+    RawClient,
+    actor_processes,
+    start_daemon,
+    stop_daemon,
+)
 from inferencecenter.protocol import clientsfile
 from inferencecenter.protocol.clientsfile import ClientEntry
-from tests.conftest import Daemon, start_daemon, stop_daemon
 
-TAG = b"ICP1"
-ACTORS = ("gateway", "auth", "sessions", "engine", "monitor")
 REPLY_DEADLINE_S = 120.0  # a queued infer may wait behind every other client's
 RETRY_DEADLINE_S = 60.0
 RSS_GROWTH_FLAG = 0.20
@@ -66,21 +68,6 @@ PROMPTS = (
 
 
 # ---- the daemon's processes ----------------------------------------------------------------
-
-
-def actor_processes(daemon: Daemon) -> dict[str, psutil.Process]:
-    """The supervisor ("daemon") and its five actors, by name."""
-    supervisor = psutil.Process(daemon.process.pid)
-    found = {"daemon": supervisor}
-    for child in supervisor.children():
-        command = " ".join(child.cmdline())
-        for name in ACTORS:
-            if f"inferencecenter-{name}" in command:
-                found[name] = child
-    missing = set(ACTORS) - set(found)
-    if missing:
-        raise RuntimeError(f"actors not running: {sorted(missing)}")
-    return found
 
 
 @dataclass
@@ -197,7 +184,7 @@ class LoadClient(threading.Thread):
         self.mix = mix
         self.rng = random.Random(seed)
         self.stop = stop or threading.Event()
-        self.sock: zmq.Socket[bytes] | None = None
+        self.client: RawClient | None = None
         self.session_id = ""
         self.serial = 0
         self.reset_next = False
@@ -210,42 +197,40 @@ class LoadClient(threading.Thread):
         return f"{what}-{self.serial}"
 
     def connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.endpoint)
+        if self.client is not None:
+            self.client.close()
+        self.client = RawClient(self.endpoint)
         reply = self.request({"op": "auth", "client_id": self.client_id, "api_key": self.api_key})
         if reply["op"] != "auth_success":
             raise CheckFailed(f"auth: {reply}")
 
     def send(self, body: dict[str, Any]) -> None:
-        assert self.sock is not None
-        self.sock.send_multipart([TAG, msgpack.packb(body, use_bin_type=True)])
+        assert self.client is not None
+        self.client.send(body)
 
     def recv(self) -> dict[str, Any]:
-        assert self.sock is not None
-        if not self.sock.poll(int(REPLY_DEADLINE_S * 1000)):
-            raise CheckFailed(f"no reply within {REPLY_DEADLINE_S} s; engine: {self.figures()}")
-        frames = self.sock.recv_multipart()
-        if len(frames) != 2 or frames[0] != TAG:
-            raise CheckFailed(f"malformed reply frames: {frames!r:.200}")
-        body: dict[str, Any] = msgpack.unpackb(frames[1], raw=False)
-        return body
+        assert self.client is not None
+        try:
+            return self.client.recv(int(REPLY_DEADLINE_S * 1000))
+        except TimeoutError:
+            raise CheckFailed(
+                f"no reply within {REPLY_DEADLINE_S} s; engine: {self.figures()}"
+            ) from None
+        except AssertionError as exc:  # malformed frames
+            raise CheckFailed(str(exc)) from None
 
     def figures(self) -> str:
         """The engine's figures (`stats`), to tell a stall from a slow machine."""
-        assert self.sock is not None
+        assert self.client is not None
         request_id = self.next_id("stats")
-        self.send({"op": "stats", "id": request_id})
-        deadline = time.monotonic() + 10.0
-        while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            reply = msgpack.unpackb(self.sock.recv_multipart()[-1], raw=False)
-            if reply.get("id") == request_id:
-                inference = reply.get("inference", {})
-                keys = ("active_generations", "queued", "tokens_per_second")
-                return ", ".join(f"{key} {inference.get(key)}" for key in keys)
-        return "no answer to stats either"
+        self.client.send({"op": "stats", "id": request_id})
+        try:
+            reply = self.client.recv_for(request_id, timeout_ms=10_000)
+        except TimeoutError:
+            return "no answer to stats either"
+        inference = reply.get("inference", {})
+        keys = ("active_generations", "queued", "tokens_per_second")
+        return ", ".join(f"{key} {inference.get(key)}" for key in keys)
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
         """A request while nothing else is in flight on this socket."""
@@ -279,8 +264,8 @@ class LoadClient(threading.Thread):
         except Exception as exc:  # a bug of the load test itself, or the daemon went away
             self.tally.fail(f"{self.client_id}: {type(exc).__name__}: {exc}")
         finally:
-            if self.sock is not None:
-                self.sock.close(linger=0)
+            if self.client is not None:
+                self.client.close()
 
     def one_infer(self) -> None:
         scenario = self.mix.scenario(self.rng)

@@ -26,7 +26,7 @@ from statistics import mean
 
 import psutil
 
-from tests.conftest import Daemon
+from inferencecenter.daemon.testing import Daemon, actor_processes
 
 from .loadtest import (
     MIB,
@@ -34,7 +34,6 @@ from .loadtest import (
     Mix,
     Tally,
     Usage,
-    actor_processes,
     add_clients,
     pids,
     run_daemon,
