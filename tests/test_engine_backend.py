@@ -137,6 +137,15 @@ def test_markers_render_as_nothing_but_text_kept_whole_does_not(backend: LlamaBa
         assert backend.token_bytes(token) == text.encode()
 
 
+def test_markers_are_never_sampled(backend: LlamaBackend) -> None:
+    # Greedy, the model continues "Rivers flow" with <start_of_image> over and over.
+    marker = backend.tokenize("<start_of_image>", add_bos=False)[0]
+    assert marker in backend.marker_tokens()
+    (tokens,) = generate(backend, {0: backend.tokenize("Rivers flow", add_bos=True)}, 8).values()
+    assert marker not in tokens
+    assert b"".join(backend.token_bytes(t) for t in tokens).strip()
+
+
 def test_two_sequences_in_one_batch_start_like_each_alone(backend: LlamaBackend) -> None:
     a = prompt_tokens(backend, "What is the capital of France?")
     b = prompt_tokens(backend, "Name three colours.")

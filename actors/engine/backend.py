@@ -132,6 +132,7 @@ class LlamaBackend:
         # The entries of the last successful decode: which batch positions have logits to sample.
         self._outputs: Sequence[BatchEntry] = ()
         self._eog_tokens: tuple[int, ...] | None = None
+        self._marker_tokens: tuple[int, ...] | None = None
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
@@ -310,11 +311,27 @@ class LlamaBackend:
     def eog_tokens(self) -> tuple[int, ...]:
         """Every end-of-generation token (gemma has three: <eos>, <end_of_turn>, </s>)."""
         if self._eog_tokens is None:
-            self._require_open()
-            # One pass over the vocabulary (~0.1 s), done the first time ignore_eos is asked for.
-            is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._vocab
-            self._eog_tokens = tuple(t for t in range(self.n_vocab) if is_eog(vocab, t))
+            self._scan_vocab()
+            assert self._eog_tokens is not None
         return self._eog_tokens
+
+    def marker_tokens(self) -> tuple[int, ...]:
+        """Markers that are no text (see MARKER): never sampled, never rendered. Greedy gemma
+        270M answers "Rivers flow" with nothing but <start_of_image>, an empty reply."""
+        if self._marker_tokens is None:
+            self._scan_vocab()
+            assert self._marker_tokens is not None
+        return self._marker_tokens
+
+    def _scan_vocab(self) -> None:
+        # One pass over the vocabulary (~0.1 s), done at start, not mid-request.
+        self._require_open()
+        vocab, attr_of = self._vocab, llama_cpp.llama_vocab_get_attr
+        self._eog_tokens = tuple(
+            t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)
+        )
+        user_defined = [t for t in range(self.n_vocab) if attr_of(vocab, t) & USER_DEFINED]
+        self._marker_tokens = tuple(t for t in user_defined if self.token_bytes(t) == b"")
 
     # ---- lifetime -----------------------------------------------------------------------
 
@@ -374,14 +391,15 @@ class Sampler:
 
     def _build(self, params: SamplingParams, history: Sequence[int]) -> None:
         backend, chain = self._backend, self._chain
-        if params.ignore_eos:
-            eog = backend.eog_tokens()
-            biases = (llama_cpp.llama_logit_bias * len(eog))(
-                *(llama_cpp.llama_logit_bias(token, float("-inf")) for token in eog)
+        banned = backend.marker_tokens() + (backend.eog_tokens() if params.ignore_eos else ())
+        if banned:
+            biases = (llama_cpp.llama_logit_bias * len(banned))(
+                *(llama_cpp.llama_logit_bias(token, float("-inf")) for token in banned)
             )
             self._keep.append(biases)
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_logit_bias(backend.n_vocab, len(eog), biases)
+                chain,
+                llama_cpp.llama_sampler_init_logit_bias(backend.n_vocab, len(banned), biases),
             )
         if params.repeat_penalty != 1.0:
             penalties = llama_cpp.llama_sampler_init_penalties(
