@@ -1,8 +1,9 @@
-"""The sessions actor: who owns which session, quotas, and each conversation's token history.
+"""The sessions actor: the one owner of a session's existence, owner, expiry and durable record.
 
-The history lives here, outside the engine, so a session survives an engine crash (the engine
-reloads every history when it starts and rebuilds a context on the session's next infer) and,
-with `--state-dir`, a restart of the whole daemon.
+The token history lives here, outside the engine, so a session survives an engine crash (the
+engine loads every history from `snapshot` when it starts and rebuilds a context on the
+session's next infer) and, with `--state-dir`, a restart of the whole daemon. The engine pushes
+only what each infer added (`append`); the journal on disk grows by that much per turn.
 """
 
 from __future__ import annotations
@@ -10,20 +11,30 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
 import time
-from dataclasses import asdict, dataclass, field
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from ..protocol import internal
+from ..protocol.errors import Forbidden, LimitReached, NotFound, ProtocolError
+from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
 from .config import Config
 from .logs import EventLog
-from ..protocol import internal
-from ..protocol.errors import Forbidden, LimitReached, NotFound
-from .actor import ActorServer, Body, Caller, report_to_supervisor
 
 log = EventLog("sessions")
+
+# A journal record on disk: this header, then the msgpack body it describes.
+RECORD_HEADER = struct.Struct("<II")  # body length, CRC-32 of the body
+# The journal is rewritten with only the live sessions once it is more than twice their size
+# and over this many bytes (below it, rewriting saves too little to be worth it).
+COMPACT_MIN_BYTES = 1 << 20
+# How long expiry waits for the engine's answer before taking it as restarting.
+ENGINE_CLOSE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -31,60 +42,287 @@ class SessionRecord:
     session_id: str
     client_id: str
     model: str
-    created: float
+    created: float  # wall clock, for list_sessions
     system_prompt: str | None = None
-    tokens: bytes = b""  # int32 token ids, native order (array("i").tobytes())
+    tokens: bytearray = field(default_factory=bytearray)  # int32 ids, native order
     chat: list[dict[str, str]] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)  # created, or its last append
+
+    def append(self, tokens: bytes, chat: list[dict[str, str]], reset: bool) -> None:
+        if reset:
+            self.tokens = bytearray()
+            self.chat = []
+        self.tokens += tokens
+        self.chat.extend(chat)
 
     def history(self) -> Body:
+        """What an engine needs to rebuild the session's context."""
         return {
             "session_id": self.session_id,
             "system_prompt": self.system_prompt,
-            "tokens": self.tokens,
+            "tokens": bytes(self.tokens),
             "chat": self.chat,
         }
 
 
-class SessionStore:
-    """One JSON file per session under `--state-dir` (written atomically, mode 0600)."""
+def create_entry(record: SessionRecord) -> Body:
+    return {
+        "record": "create",
+        "session_id": record.session_id,
+        "client_id": record.client_id,
+        "model": record.model,
+        "created": record.created,
+        "system_prompt": record.system_prompt,
+    }
 
-    def __init__(self, directory: str) -> None:
-        self.directory = Path(directory) / "sessions"
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def _path(self, session_id: str) -> Path:
-        return self.directory / f"{session_id}.json"
+def append_entry(
+    session_id: str, tokens: bytes, chat: list[dict[str, str]], reset: bool = False
+) -> Body:
+    return {
+        "record": "append",
+        "session_id": session_id,
+        "tokens": tokens,
+        "chat": chat,
+        "reset": reset,
+    }
 
-    def save(self, record: SessionRecord) -> None:
-        data = asdict(record)
-        data["tokens"] = record.tokens.hex()
-        path = self._path(record.session_id)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, path)
 
-    def delete(self, session_id: str) -> None:
-        self._path(session_id).unlink(missing_ok=True)
+def remove_entry(session_id: str) -> Body:
+    return {"record": "remove", "session_id": session_id}
 
-    def load(self) -> list[SessionRecord]:
-        records = []
-        for path in sorted(self.directory.glob("s-*.json")):
+
+def apply_entry(sessions: dict[str, SessionRecord], entry: Body) -> None:
+    """Replay one journal record into `sessions`."""
+    kind, session_id = entry.get("record"), str(entry.get("session_id"))
+    if kind == "create":
+        sessions[session_id] = SessionRecord(
+            session_id,
+            str(entry["client_id"]),
+            str(entry["model"]),
+            float(entry["created"]),
+            entry.get("system_prompt"),
+        )
+    elif kind == "append" and session_id in sessions:
+        sessions[session_id].append(
+            bytes(entry.get("tokens", b"")), list(entry.get("chat", [])), bool(entry.get("reset"))
+        )
+    elif kind == "remove":
+        sessions.pop(session_id, None)
+
+
+def frame_entry(entry: Body) -> bytes:
+    body = internal.pack(entry)
+    return RECORD_HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def read_entries(data: bytes) -> tuple[list[tuple[Body, int]], int]:
+    """The whole records at the start of `data`, each with its size on disk, and where they
+    end: a record cut short or damaged (a crash mid-write) ends the journal there."""
+    entries: list[tuple[Body, int]] = []
+    offset = 0
+    while offset + RECORD_HEADER.size <= len(data):
+        length, crc = RECORD_HEADER.unpack_from(data, offset)
+        start = offset + RECORD_HEADER.size
+        body = data[start : start + length]
+        if len(body) < length or zlib.crc32(body) != crc:
+            break
+        try:
+            entry = internal.unpack(body)
+        except Exception:
+            break
+        entries.append((entry, RECORD_HEADER.size + length))
+        offset = start + length
+    return entries, offset
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class LiveBytes:
+    """How much of the journal the live sessions take: what a compaction would keep."""
+
+    def __init__(self) -> None:
+        self.by_session: dict[str, int] = {}
+        self.total = 0
+
+    def count(self, entry: Body, size: int) -> None:
+        session_id = str(entry.get("session_id"))
+        kind = entry.get("record")
+        before = self.by_session.get(session_id)
+        if kind == "create":
+            after = size
+        elif kind == "append" and before is not None:
+            after = size if entry.get("reset") else before + size
+        elif kind == "remove" and before is not None:
+            del self.by_session[session_id]
+            self.total -= before
+            return
+        else:
+            return
+        self.by_session[session_id] = after
+        self.total += after - (before or 0)
+
+
+class SessionJournal:
+    """The durable record under `--state-dir`: one append-only file of `create`, `append` and
+    `remove` records (mode 0600), so a turn costs a write of what it added, never the whole
+    conversation again. It is compacted (rewritten with only the live sessions, atomically)
+    when it holds more than twice the live data. Records are not fsynced one by one: a crash
+    of the process loses nothing written, and a record torn by a power loss is dropped at load.
+    """
+
+    def __init__(self, directory: str | Path, compact_min_bytes: int = COMPACT_MIN_BYTES) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / "sessions.journal"
+        self.old_directory = self.directory / "sessions"  # one JSON file per session, before
+        self.compact_min_bytes = compact_min_bytes
+        self.fd = -1
+        self.size = 0
+        self.live = LiveBytes()
+        # A write failed (disk full): the file misses a change, so the next write is a whole
+        # rewrite from memory instead of an append.
+        self.behind = False
+
+    def load(self) -> dict[str, SessionRecord]:
+        """Replay the journal, drop a torn tail, take in an old per-file state once, and open
+        the journal for appending."""
+        sessions: dict[str, SessionRecord] = {}
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        entries, end = read_entries(data)
+        for entry, size in entries:
+            apply_entry(sessions, entry)
+            self.live.count(entry, size)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if end < len(data):
+            log.warning("journal tail dropped", path=str(self.path), bytes=len(data) - end)
+            os.ftruncate(self.fd, end)
+        self.size = end
+        if self.migrate(sessions) or self.needs_compaction():
+            self.compact(sessions)
+        return sessions
+
+    def migrate(self, sessions: dict[str, SessionRecord]) -> int:
+        """Sessions saved one JSON file each (the earlier format) join the journal; their files
+        are deleted once a journal holding them is on disk (see compact), so this happens once.
+        """
+        paths = sorted(self.old_directory.glob("s-*.json"))
+        for path in paths:
             try:
                 data = json.loads(path.read_text())
-                data["tokens"] = bytes.fromhex(data.get("tokens", ""))
-                records.append(SessionRecord(**data))
-            except (OSError, ValueError, TypeError) as exc:
+                record = SessionRecord(
+                    data["session_id"],
+                    data["client_id"],
+                    data["model"],
+                    float(data["created"]),
+                    data.get("system_prompt"),
+                    bytearray.fromhex(data.get("tokens", "")),
+                    list(data.get("chat", [])),
+                )
+            except (OSError, ValueError, TypeError, KeyError) as exc:
                 log.error("session file skipped", path=str(path), reason=str(exc))
-        return records
+                continue
+            sessions.setdefault(record.session_id, record)
+        if paths:
+            log.info("sessions migrated to the journal", files=len(paths), path=str(self.path))
+        return len(paths)
+
+    def write(self, entry: Body) -> None:
+        data = frame_entry(entry)
+        try:
+            write_all(self.fd, data)
+        except OSError:
+            os.ftruncate(self.fd, self.size)  # no half record before the next one
+            raise
+        self.size += len(data)
+        self.live.count(entry, len(data))
+
+    def needs_compaction(self) -> bool:
+        return self.behind or (
+            self.size > self.compact_min_bytes and self.size > 2 * self.live.total
+        )
+
+    def compact(self, sessions: dict[str, SessionRecord]) -> None:
+        """Rewrite the journal with one `create` and one `append` per live session; the new
+        file replaces the old one only once it is wholly on disk."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        live = LiveBytes()
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            for record in sessions.values():
+                entries = [create_entry(record)]
+                if record.tokens or record.chat:
+                    entries.append(
+                        append_entry(record.session_id, bytes(record.tokens), record.chat)
+                    )
+                for entry in entries:
+                    data = frame_entry(entry)
+                    write_all(fd, data)
+                    size += len(data)
+                    live.count(entry, len(data))
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        old_fd, before = self.fd, self.size
+        self.fd, self.size, self.live, self.behind = fd, size, live, False
+        os.close(old_fd)
+        self.sync_directory()
+        self.finish_migration()
+        log.info("journal compacted", bytes_before=before, bytes_after=size)
+
+    def finish_migration(self) -> None:
+        for path in [*self.old_directory.glob("s-*.json"), *self.old_directory.glob("*.tmp")]:
+            path.unlink(missing_ok=True)
+        try:
+            self.old_directory.rmdir()
+        except OSError:
+            pass
+
+    def sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class SessionTable:
-    """Ownership and quotas; the engine holds the contexts, this table says who may use them."""
+    """Every session that exists, with its owner, quota and history; with a journal, each
+    change is written to it as it happens."""
 
-    def __init__(self) -> None:
-        self.sessions: dict[str, SessionRecord] = {}
+    def __init__(self, journal: SessionJournal | None = None) -> None:
+        self.journal = journal
+        self.sessions: dict[str, SessionRecord] = journal.load() if journal else {}
+
+    def record(self, entry: Body) -> None:
+        """Write a change already made in memory. Memory is the truth the daemon serves from: a
+        failed write (disk full) is logged, and the journal is rewritten whole at the next one.
+        """
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            if not journal.behind:
+                journal.write(entry)
+            if journal.needs_compaction():
+                journal.compact(self.sessions)
+        except OSError as exc:
+            journal.behind = True
+            log.error("journal write failed", path=str(journal.path), reason=str(exc))
 
     def owned_by(self, client_id: str) -> list[SessionRecord]:
         return [s for s in self.sessions.values() if s.client_id == client_id]
@@ -98,34 +336,52 @@ class SessionTable:
             "s-" + secrets.token_urlsafe(18), client_id, model, time.time(), system_prompt
         )
         self.sessions[record.session_id] = record
+        self.record(create_entry(record))
         return record
 
-    def check(self, client_id: str, session_id: str) -> SessionRecord:
+    def get(self, session_id: str) -> SessionRecord:
         record = self.sessions.get(session_id)
         if record is None:
             raise NotFound(f"no session {session_id[:80]!r}")
-        if record.client_id != client_id:
-            raise Forbidden("this session belongs to another client")
         return record
 
-    def remove(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+    def append(
+        self, session_id: str, tokens: bytes, chat: list[dict[str, str]], reset: bool
+    ) -> SessionRecord | None:
+        """Add what an infer added (after clearing the history, with `reset`); the session is
+        used now. None for a session that no longer exists."""
+        record = self.sessions.get(session_id)
+        if record is None:
+            return None
+        record.append(tokens, chat, reset)
+        record.last_used = time.monotonic()
+        self.record(append_entry(session_id, tokens, chat, reset))
+        return record
+
+    def remove(self, session_id: str) -> SessionRecord:
+        record = self.get(session_id)
+        del self.sessions[session_id]
+        self.record(remove_entry(session_id))
+        return record
+
+    def idle_since(self, cutoff: float) -> list[SessionRecord]:
+        return [s for s in self.sessions.values() if s.last_used < cutoff]
 
 
 class SessionsActor:
-    def __init__(self, config: Config) -> None:
-        self.table = SessionTable()
-        self.store = SessionStore(config.state_dir) if config.state_dir else None
-        if self.store is not None:
-            for record in self.store.load():
-                self.table.sessions[record.session_id] = record
-            log.info("sessions restored", count=len(self.table.sessions), path=config.state_dir)
+    def __init__(self, config: Config, engine: ActorLink | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        journal = SessionJournal(config.state_dir) if config.state_dir else None
+        self.table = SessionTable(journal)
+        if journal is not None:
+            log.info("sessions restored", count=len(self.table.sessions), path=str(journal.path))
         self.handlers = {
             "create": self.create,
             "check": self.check,
             "remove": self.remove,
             "list": self.list,
-            "history": self.history,
+            "append": self.append,
             "snapshot": self.snapshot,
         }
 
@@ -133,19 +389,17 @@ class SessionsActor:
         record = self.table.create(
             body["client_id"], int(body["max_sessions"]), body["model"], body.get("system_prompt")
         )
-        if self.store is not None:
-            self.store.save(record)
         log.info("session created", session_id=record.session_id, client_id=record.client_id)
         caller.reply(session_id=record.session_id, created=record.created)
 
     def check(self, body: Body, caller: Caller) -> None:
-        record = self.table.check(body["client_id"], body["session_id"])
+        record = self.table.get(body["session_id"])
+        if record.client_id != body["client_id"]:
+            raise Forbidden("this session belongs to another client")
         caller.reply(model=record.model)
 
     def remove(self, body: Body, caller: Caller) -> None:
         self.table.remove(body["session_id"])
-        if self.store is not None:
-            self.store.delete(body["session_id"])
         log.info("session closed", session_id=body["session_id"])
         caller.reply()
 
@@ -158,19 +412,68 @@ class SessionsActor:
             ]
         )
 
-    def history(self, body: Body, caller: Caller) -> None:
-        """The engine's copy of a conversation after an infer (pushed, no reply)."""
-        record = self.table.sessions.get(body["session_id"])
-        if record is None:
-            return
-        record.tokens = bytes(body.get("tokens", b""))
-        record.chat = list(body.get("chat", []))
-        if self.store is not None:
-            self.store.save(record)
+    def append(self, body: Body, caller: Caller) -> None:
+        """What one infer added to a conversation (pushed by the engine, no reply)."""
+        session_id = str(body["session_id"])
+        added = self.table.append(
+            session_id,
+            bytes(body.get("tokens", b"")),
+            list(body.get("chat", [])),
+            bool(body.get("reset")),
+        )
+        if added is None:
+            self.disown(session_id)
+
+    def disown(self, session_id: str) -> None:
+        """The engine used a session that no longer exists here (it expired or was closed while
+        the engine could not hear of it): the engine drops it too."""
+        log.debug("append for an unknown session", session_id=session_id)
+        if self.engine is not None:
+            self.engine.push("close", session_id=session_id)
 
     def snapshot(self, body: Body, caller: Caller) -> None:
         """Every conversation, for an engine that is starting."""
         caller.reply(sessions=[record.history() for record in self.table.sessions.values()])
+
+    async def expire_idle(self) -> None:
+        """Close sessions unused for --session-idle-timeout (their owner is told nothing: the
+        next use answers not_found)."""
+        timeout = self.config.session_idle_timeout
+        while True:
+            await trio.sleep(min(30.0, timeout / 4))
+            idle = self.table.idle_since(time.monotonic() - timeout)
+            async with trio.open_nursery() as nursery:
+                for record in idle:
+                    nursery.start_soon(self.expire, record)
+
+    async def expire(self, record: SessionRecord) -> None:
+        """Expire one idle session unless the engine says it is generating right now. An engine
+        that does not answer is restarting: it will load the snapshot without the session."""
+        closed = True
+        if self.engine is not None:
+            try:
+                reply = await self.engine.request(
+                    "close",
+                    timeout=ENGINE_CLOSE_TIMEOUT_S,
+                    session_id=record.session_id,
+                    if_idle=True,
+                )
+                closed = bool(reply.get("closed", True))
+            except ProtocolError:
+                closed = True
+        if self.table.sessions.get(record.session_id) is not record:
+            return  # closed by its client meanwhile
+        if not closed:
+            record.last_used = time.monotonic()
+            return
+        idle_s = time.monotonic() - record.last_used
+        self.table.remove(record.session_id)
+        log.info(
+            "session expired",
+            session_id=record.session_id,
+            client_id=record.client_id,
+            idle_s=round(idle_s, 1),
+        )
 
 
 def _ops_match(handlers: dict[str, Any]) -> None:
@@ -178,11 +481,18 @@ def _ops_match(handlers: dict[str, Any]) -> None:
 
 
 async def main(config: Config, stop: trio.Event) -> None:
-    actor = SessionsActor(config)
+    engine = ActorLink(internal.ENGINE, config, watch=True)
+    actor = SessionsActor(config, engine)
     _ops_match(actor.handlers)
     server = ActorServer(internal.SESSIONS, config, actor.handlers)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.run)
-        report_to_supervisor(config, {"op": "ready", "actor": internal.SESSIONS})
-        await stop.wait()
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            nursery.start_soon(engine.run)
+            nursery.start_soon(actor.expire_idle)
+            report_to_supervisor(config, {"op": "ready", "actor": internal.SESSIONS})
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if actor.table.journal is not None:
+            actor.table.journal.close()

@@ -34,7 +34,7 @@ TOKENS = "tokens"
 
 # Ops each actor serves (its handler table must match this list).
 AUTH_OPS = ("authenticate",)
-SESSIONS_OPS = ("create", "check", "remove", "list", "history", "snapshot")
+SESSIONS_OPS = ("create", "check", "remove", "list", "append", "snapshot")
 ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats")
 # Pushed to the supervisor: {"op": "ready", "actor": name} or {"op": "fatal", "actor", "message"}.
 SUPERVISOR_OPS = ("ready", "fatal", "alive")
