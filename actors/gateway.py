@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -12,10 +13,9 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .config import Config
-from .logs import EventLog
 from ..protocol import internal, messages, wire
 from ..protocol.errors import (
+    Forbidden,
     InternalError,
     NotFound,
     Overloaded,
@@ -26,6 +26,8 @@ from ..protocol.errors import (
 from ..protocol.messages import Request
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorLink, Body, report_to_supervisor
+from .config import Config
+from .logs import EventLog
 
 log = EventLog("gateway")
 
@@ -33,6 +35,13 @@ log = EventLog("gateway")
 # beyond this many waiting, the connection gets `overloaded`.
 CONNECTION_QUEUE = 64
 CONNECTION_IDLE_S = 60.0
+# Owners of this many sessions are remembered (least recently used dropped first); beyond it,
+# or after a restart, a session's owner is asked of the sessions actor once again.
+OWNER_CACHE_ENTRIES = 100_000
+# How long create_session waits for the engine to open a session (it may be restarting: the
+# request waits in the socket and the restarted engine answers it).
+ENGINE_OPEN_TIMEOUT_S = 120.0
+ENGINE_OPEN_ATTEMPTS = 3  # an engine lost twice in a row is not coming back soon
 
 
 def _version() -> str:
@@ -47,6 +56,14 @@ class ClientState:
     client_id: str
     max_sessions: int
     priority: str
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a session belongs to; fixed at create, so the gateway may remember it."""
+
+    client_id: str
+    model: str
 
 
 @dataclass
@@ -82,6 +99,7 @@ class Gateway:
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
         self.streams: dict[int, Stream] = {}  # running infers by the engine's ref
+        self.owners: OrderedDict[str, Owner] = OrderedDict()  # by session_id
         self.fd_peers: dict[int, bytes] = {}
         self.peer_fds: dict[bytes, int] = {}
         self.monitor = frontend.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -238,9 +256,28 @@ class Gateway:
         return state
 
     async def owned_session(self, peer: bytes, session_id: str) -> ClientState:
+        """The client of this connection, if it owns the session (from the owner cache; on a
+        miss, one `check` to the sessions actor)."""
         state = self.client_of(peer)
-        await self.sessions.request("check", client_id=state.client_id, session_id=session_id)
+        owner = self.owners.get(session_id)
+        if owner is None:
+            found = await self.sessions.request("check", session_id=session_id)
+            owner = Owner(found["client_id"], found["model"])
+            self.remember_owner(session_id, owner)
+        else:
+            self.owners.move_to_end(session_id)
+        if owner.client_id != state.client_id:
+            raise Forbidden("this session belongs to another client")
         return state
+
+    def remember_owner(self, session_id: str, owner: Owner) -> None:
+        self.owners[session_id] = owner
+        if len(self.owners) > OWNER_CACHE_ENTRIES:
+            self.owners.popitem(last=False)
+
+    def forget_owner(self, session_id: str) -> None:
+        """The session is gone (closed, or the engine no longer knows it: it expired)."""
+        self.owners.pop(session_id, None)
 
     # ---- ops --------------------------------------------------------------------------
 
@@ -282,17 +319,10 @@ class Gateway:
             system_prompt=request.fields["system_prompt"],
         )
         session_id = created["session_id"]
-        try:
-            opened = await self.engine.request(
-                "open",
-                session_id=session_id,
-                system_prompt=request.fields["system_prompt"],
-                client_id=state.client_id,
-            )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.sessions.request("remove", session_id=session_id)
-            raise
+        self.remember_owner(session_id, Owner(state.client_id, model))
+        opened = await self.open_in_engine(
+            session_id, request.fields["system_prompt"], state.client_id
+        )
         self.reply(
             peer,
             request.id,
@@ -302,11 +332,51 @@ class Gateway:
             ctx_size=opened["ctx_size"],
         )
 
+    async def open_in_engine(
+        self, session_id: str, system_prompt: str | None, client_id: str
+    ) -> Body:
+        """Tell the engine of a session that exists now. An engine that is restarting loads it
+        from the snapshot and then answers this `open` too (it waits in the socket meanwhile);
+        an engine lost with the request in flight gets it again. Only if no engine answers in
+        time is the session removed: its client never learned its id, and it would hold one of
+        the client's sessions until it expired."""
+        deadline = trio.current_time() + ENGINE_OPEN_TIMEOUT_S
+        for attempt in range(ENGINE_OPEN_ATTEMPTS):
+            try:
+                return await self.engine.request(
+                    "open",
+                    timeout=max(0.0, deadline - trio.current_time()),
+                    session_id=session_id,
+                    system_prompt=system_prompt,
+                    client_id=client_id,
+                )
+            except InternalError:
+                last_attempt = attempt == ENGINE_OPEN_ATTEMPTS - 1
+                if last_attempt or trio.current_time() >= deadline - 1.0:
+                    with trio.CancelScope(shield=True):
+                        await self.remove_unannounced(session_id)
+                    raise
+                await trio.sleep(0.5)  # the engine was lost: give it a moment to come back
+        raise AssertionError("unreachable")
+
+    async def remove_unannounced(self, session_id: str) -> None:
+        self.forget_owner(session_id)
+        try:
+            await self.sessions.request("remove", session_id=session_id)
+        except ProtocolError as exc:
+            log.warning("session not removed", session_id=session_id, reason=exc.message)
+
     async def close_session(self, peer: bytes, request: Request) -> None:
         session_id = request.fields["session_id"]
         await self.owned_session(peer, session_id)
-        await self.engine.request("close", session_id=session_id)
-        await self.sessions.request("remove", session_id=session_id)
+        try:
+            await self.engine.request("close", session_id=session_id)
+        except NotFound:
+            pass  # the engine no longer holds it: the sessions actor decides whether it exists
+        try:
+            await self.sessions.request("remove", session_id=session_id)
+        finally:
+            self.forget_owner(session_id)
         self.reply(peer, request.id, messages.SESSION_CLOSED, session_id=session_id)
 
     async def list_sessions(self, peer: bytes, request: Request) -> None:
@@ -382,6 +452,8 @@ class Gateway:
                 )
             else:
                 code = str(body.get("code", "internal"))
+                if code == NotFound.code:
+                    self.forget_owner(stream.session_id)
                 self.frontend.send(
                     [
                         stream.peer,
@@ -398,7 +470,11 @@ class Gateway:
     async def abort(self, peer: bytes, request: Request) -> None:
         session_id = request.fields["session_id"]
         await self.owned_session(peer, session_id)
-        await self.engine.request("abort", session_id=session_id)
+        try:
+            await self.engine.request("abort", session_id=session_id)
+        except NotFound:
+            self.forget_owner(session_id)
+            raise
         self.reply(peer, request.id, messages.ABORTED, session_id=session_id)
 
     async def stats(self, peer: bytes, request: Request) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from ..protocol import internal
-from ..protocol.errors import Forbidden, LimitReached, NotFound, ProtocolError
+from ..protocol.errors import LimitReached, NotFound, ProtocolError
 from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
 from .config import Config
 from .logs import EventLog
@@ -393,10 +393,9 @@ class SessionsActor:
         caller.reply(session_id=record.session_id, created=record.created)
 
     def check(self, body: Body, caller: Caller) -> None:
+        """Who owns a session (never changes after create, so the asker may keep the answer)."""
         record = self.table.get(body["session_id"])
-        if record.client_id != body["client_id"]:
-            raise Forbidden("this session belongs to another client")
-        caller.reply(model=record.model)
+        caller.reply(client_id=record.client_id, model=record.model)
 
     def remove(self, body: Body, caller: Caller) -> None:
         self.table.remove(body["session_id"])
