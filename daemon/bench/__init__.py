@@ -11,9 +11,14 @@ The stall scenario (`--stall`, on by default): seven streams generate through th
 one client sends a ~2,000-token prompt; it reports how much longer the seven streams' largest
 inter-token gap is while that prompt is prefilled than their usual gap.
 
+The chat scenario (`--chat`, on by default): 16 conversations of 4 turns at once, through the
+daemon with 4 and with 16 slots (and llama-server alike); generated tokens/s and first-token
+times.
+
 This module is the command; the measurements live in its modules: `inprocess` (the in-process
 loop, step times by row count, speculation), `daemonstreams` (the daemon as timed streams),
-`llamaserver`, `scenarios` (stall, shared system prompt, many sessions), `report` (tables, plot).
+`llamaserver`, `scenarios` (stall, shared system prompt, many sessions), `chat` (multi-turn
+chat), `report` (tables, plot).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ...actors.config import default_model_path
+from .chat import measure_chat
 from .daemonstreams import DaemonUnderTest, run_daemon
 from .inprocess import measure_speculation, run_inprocess, run_row_sweep
 from .llamaserver import run_llama_server
@@ -37,6 +43,7 @@ from .measurement import KINDS, LABELS, Measurement
 from .report import (
     median_table,
     plot,
+    print_chat,
     print_prefix,
     print_rows,
     print_sessions,
@@ -100,6 +107,11 @@ def bench(args: argparse.Namespace) -> int:
     stall = measure_stall(model, threads, args.runs) if args.stall else None
     prefix = measure_prefix(model, threads, args.ctx_size, args.runs) if args.prefix else None
     sessions = run_many_sessions(model, threads) if args.sessions else None
+    chat = (
+        measure_chat(model, threads, args.ctx_size, args.runs, args.llama_server)
+        if args.chat
+        else None
+    )
     rows = run_row_sweep(model, threads) if args.rows else None
     speculated = [int(x) for x in args.speculation.split(",") if x.strip()]
     speculation = (
@@ -116,6 +128,8 @@ def bench(args: argparse.Namespace) -> int:
         print_prefix(prefix["median"])
     if sessions:
         print_sessions(sessions)
+    if chat:
+        print_chat(chat)
     if rows:
         print_rows(rows)
     if speculation:
@@ -132,6 +146,7 @@ def bench(args: argparse.Namespace) -> int:
         "stall": stall,
         "shared_system_prompt": prefix,
         "many_sessions": sessions,
+        "chat": chat,
         "decode_step_ms_by_rows": rows,
         "speculation": speculation,
         "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
@@ -169,6 +184,7 @@ def add_bench_command(commands: Any) -> None:
         ("--stall", True, "measure the stall a long prompt causes to 7 generating streams"),
         ("--prefix", True, "measure the first token of a session sharing a cached system prompt"),
         ("--sessions", True, f"measure the engine's memory with {MANY_SESSIONS} sessions"),
+        ("--chat", True, "measure 16 multi-turn chats at once, on 4 and on 16 slots"),
         ("--rows", False, "time a decode-only step of 1..16 rows in-process (does padding pay?)"),
         ("--plot", True, "write a PNG next to --output (needs matplotlib)"),
     ):

@@ -95,7 +95,7 @@ def post_completion(
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
     pieces = []
-    for line in response:  # to the end, so that the connection can take the next request
+    for line in response:  # to the end of the response, the stop event included
         if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
             continue
         event = json.loads(line[6:])

@@ -150,3 +150,16 @@ def print_rows(rows: dict[int, float]) -> None:
         + ", ".join(f"{n}: {ms:.1f}" for n, ms in rows.items())
     )
 
+
+def print_chat(chat: dict[str, Any]) -> None:
+    print(
+        f"\nmulti-turn chat ({chat['conversations']} conversations at once x {chat['turns']} "
+        f"turns, {chat['reply_tokens']} tokens a reply at temp 0, "
+        f"{chat['daemon_prompt_tokens_per_turn']:.0f} new prompt tokens a turn; medians):"
+    )
+    print(f"{'system':<13} {'slots':>5} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p90':>9}")
+    for row in chat["median"]:
+        print(
+            f"{LABELS[row['system']]:<13} {row['slots']:>5} {row['generated_tps']:>9.1f} "
+            f"{row['ttft_p50_ms']:>9.0f} {row['ttft_p90_ms']:>9.0f}"
+        )
