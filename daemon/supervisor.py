@@ -17,9 +17,9 @@ from pathlib import Path
 
 import zmq
 
-from ..protocol import internal
 from ..actors.config import Config
 from ..actors.logs import EventLog
+from ..protocol import internal
 
 log = EventLog("supervisor")
 
