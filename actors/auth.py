@@ -60,12 +60,25 @@ class ClientRegistry:
                 found = entry
         return found
 
+    def authenticate_key(self, api_key: str) -> ClientEntry | None:
+        """The one client with this key (HTTP's Bearer key names the client by itself); every
+        entry is compared, and a key that two entries share names nobody."""
+        key_digest = _digest(api_key)
+        found: list[ClientEntry] = []
+        for _, stored_key, entry in self._entries:
+            if hmac.compare_digest(key_digest, stored_key):
+                found.append(entry)
+        return found[0] if len(found) == 1 else None
+
 
 class AuthActor:
     def __init__(self, config: Config, monitor: ActorLink | None = None) -> None:
         self.registry = ClientRegistry(Path(config.clients))
         self.monitor = monitor
-        self.handlers = {"authenticate": self.authenticate}
+        self.handlers = {
+            "authenticate": self.authenticate,
+            "authenticate_key": self.authenticate_key,
+        }
 
     def authenticate(self, body: Body, caller: Caller) -> None:
         self.registry.reload_if_changed()
@@ -77,11 +90,26 @@ class AuthActor:
                 self.monitor.push("auth_failed")
             caller.reply(ok=False, reason="unknown client_id or wrong api_key")
             return
+        self.succeeded(entry, caller)
+
+    def authenticate_key(self, body: Body, caller: Caller) -> None:
+        self.registry.reload_if_changed()
+        entry = self.registry.authenticate_key(str(body.get("api_key", "")))
+        if entry is None:
+            log.warning("auth failed", by="api_key")
+            if self.monitor is not None:
+                self.monitor.push("auth_failed")
+            caller.reply(ok=False, reason="unknown api_key")
+            return
+        self.succeeded(entry, caller)
+
+    def succeeded(self, entry: ClientEntry, caller: Caller) -> None:
         caller.reply(
             ok=True,
             client_id=entry.client_id,
             max_sessions=entry.max_sessions,
             priority=entry.priority,
+            role=getattr(entry, "role", "user"),
         )
 
 

@@ -40,6 +40,7 @@ class Config:
     session_idle_timeout: float = 3600.0
     engine_hang_s: float = 60.0
     prometheus_port: int = 0
+    http_port: int = 8080
     alert_temp_c: float = 83.0
     log_format: str = "text"
     log_level: str = "info"
@@ -128,6 +129,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--prometheus-port", type=int, default=0, help="Prometheus exporter port (0: off)"
     )
     parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="HTTP port on --bind: OpenAI API, /health, /ws (0: off)",
+    )
+    parser.add_argument(
         "--alert-temp-c", type=float, default=83.0, help="GPU temperature that raises an alert"
     )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -190,6 +197,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         _check_port("--prometheus-port", args.prometheus_port)
         if args.prometheus_port in (args.port, args.metrics_port):
             raise ConfigError("--prometheus-port must differ from --port and --metrics-port")
+    if args.http_port:
+        _check_port("--http-port", args.http_port)
+        if args.http_port in (args.port, args.metrics_port, args.prometheus_port):
+            raise ConfigError("--http-port must differ from the other ports")
     if args.engine_hang_s < 1:
         raise ConfigError("--engine-hang-s must be at least 1 second")
     if args.session_idle_timeout < 1:
@@ -238,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         session_idle_timeout=args.session_idle_timeout,
         engine_hang_s=args.engine_hang_s,
         prometheus_port=args.prometheus_port,
+        http_port=args.http_port,
         alert_temp_c=args.alert_temp_c,
         log_format=args.log_format,
         log_level=args.log_level,

@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 import trio
 import zmq
+from prometheus_client import generate_latest
 
 from ..protocol import internal, wire
 from ..protocol.zmqtrio import TrioSocket
@@ -149,13 +150,17 @@ class MonitorActor:
         self.config = config
         self.pub = pub
         self.inference: dict[str, Any] = dict(EMPTY_INFERENCE)
-        self.prometheus = PrometheusExporter() if config.prometheus_port else None
+        # Kept even without --prometheus-port: the HTTP actor's /metrics shows the same series.
+        self.prometheus = PrometheusExporter()
+        self.latest: Body | None = None  # the last metrics published
         self.alerts: dict[str, Alert] = {}
         self.handlers = {
             "inference": self.update_inference,
             "event": self.on_event,
             "request": self.on_request,
             "auth_failed": self.on_auth_failed,
+            "snapshot": self.snapshot,
+            "prometheus": self.prometheus_text,
         }
 
     def publish(self, topic: bytes, body: Body) -> None:
@@ -181,6 +186,15 @@ class MonitorActor:
     def on_auth_failed(self, body: Body, caller: Caller) -> None:
         if self.prometheus is not None:
             self.prometheus.auth_failures.inc()
+
+    def snapshot(self, body: Body, caller: Caller) -> None:
+        """The last metrics published (for the HTTP actor's WebSocket subscribers)."""
+        caller.reply(metrics=self.latest)
+
+    def prometheus_text(self, body: Body, caller: Caller) -> None:
+        """The Prometheus exposition of the exporter's series (the HTTP actor's /metrics)."""
+        assert self.prometheus is not None
+        caller.reply(text=generate_latest(self.prometheus.registry).decode())
 
     def alert(self, kind: str, condition: bool, cleared: bool, message: str, **fields: Any) -> None:
         state = self.alerts.setdefault(kind, Alert(kind))
@@ -243,6 +257,7 @@ class MonitorActor:
                 "inference": inference,
             }
             self.publish(METRICS_TOPIC, body)
+            self.latest = body
             self.check_gpu_alerts(gpus)
             if inference.get("queued", 0) == 0:
                 self.alert("overloaded", False, True, "the queue is full: infers get `overloaded`")
@@ -258,7 +273,7 @@ async def main(config: Config, stop: trio.Event) -> None:
     pub = TrioSocket(sock)
     actor = MonitorActor(config, pub)
     assert set(actor.handlers) == set(internal.MONITOR_OPS)
-    if actor.prometheus is not None:
+    if config.prometheus_port:
         actor.prometheus.serve(config.bind, config.prometheus_port)
         log.info(
             "prometheus exporter", endpoint=f"http://{config.bind}:{config.prometheus_port}/metrics"

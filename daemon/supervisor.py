@@ -102,10 +102,21 @@ class Supervisor:
         self.config = replace(config, runtime_dir=str(self.runtime_dir))
         self.config_path = self.runtime_dir / "config.json"
         self.config_path.write_text(self.config.to_json())
-        self.actors = {name: ActorProcess(name) for name in internal.ACTORS}
+        self.actors = {
+            name: ActorProcess(name)
+            for name in internal.ACTORS
+            if name != internal.HTTP or self.config.http_port
+        }
         self.inbox: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.bind(internal.endpoint(self.runtime_dir, internal.SUPERVISOR))
+        # The HTTP actor learns from here whether every actor is ready (GET /health).
+        self.http_link: zmq.Socket[bytes] | None = None
+        self.http_told: bool | None = None
+        if internal.HTTP in self.actors:
+            self.http_link = zmq.Context.instance().socket(zmq.DEALER)
+            self.http_link.setsockopt(zmq.LINGER, 0)
+            self.http_link.connect(internal.endpoint(self.runtime_dir, internal.HTTP))
         self.stopping = False
         self.fatal: dict[str, str] = {}
         self.engine_health = EngineHealth()
@@ -128,6 +139,20 @@ class Supervisor:
         actor.process = subprocess.Popen(command, start_new_session=True)
         actor.ready = False
         actor.started = time.monotonic()
+        if actor.name == internal.HTTP:
+            self.http_told = None  # a new HTTP actor knows nothing yet
+
+    def tell_http(self) -> None:
+        """Tell the HTTP actor whether every actor is ready, when that changed."""
+        ready = all(actor.ready for actor in self.actors.values())
+        if self.http_link is None or ready == self.http_told:
+            return
+        try:
+            body = {"op": "daemon_state", "ref": 0, "ready": ready}
+            self.http_link.send(internal.pack(body), zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self.http_told = ready
 
     def poll_inbox(self, timeout_ms: int) -> None:
         if not self.inbox.poll(timeout_ms):
@@ -169,12 +194,13 @@ class Supervisor:
             self.poll_inbox(200)
 
     def start(self) -> None:
-        first = [n for n in internal.ACTORS if n != internal.GATEWAY]
+        first = [n for n in self.actors if n != internal.GATEWAY]
         for name in first:
             self.spawn(self.actors[name])
         self.wait_ready(first)
         self.spawn(self.actors[internal.GATEWAY])
         self.wait_ready([internal.GATEWAY])
+        self.tell_http()
 
     def watch(self) -> int:
         """Restart crashed actors (backoff with jitter) until asked to stop; kill a hung engine;
@@ -207,6 +233,7 @@ class Supervisor:
                     )
                     return 1
                 actor.restarts.append(now)
+                actor.ready = False
                 actor.crashes_in_a_row += 1
                 delay = actor.backoff()
                 actor.restart_at = now + delay
@@ -214,6 +241,7 @@ class Supervisor:
                     "actor exited, restarting", actor=actor.name, code=code, delay_s=round(delay, 2)
                 )
             self.check_engine(now)
+            self.tell_http()
         return 0
 
     def check_engine(self, now: float) -> None:
@@ -252,13 +280,17 @@ class Supervisor:
         order = [
             internal.ENGINE,
             internal.GATEWAY,
+            internal.HTTP,
             internal.SESSIONS,
             internal.AUTH,
             internal.MONITOR,
         ]
         for name in order:
-            self.stop_actor(self.actors[name], STOP_DEADLINE_S)
+            if name in self.actors:
+                self.stop_actor(self.actors[name], STOP_DEADLINE_S)
         self.inbox.close()
+        if self.http_link is not None:
+            self.http_link.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def run(self) -> int:
@@ -272,6 +304,9 @@ class Supervisor:
                 "daemon ready",
                 endpoint=f"tcp://{self.config.bind}:{self.config.port}",
                 metrics=f"tcp://{self.config.bind}:{self.config.metrics_port}",
+                http=f"http://{self.config.bind}:{self.config.http_port}"
+                if self.config.http_port
+                else "off",
                 model=self.config.model,
                 clients=self.config.clients,
                 seconds=round(time.monotonic() - started, 2),

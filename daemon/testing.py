@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket as net
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from ..protocol.clientsfile import ClientEntry
 START_DEADLINE_S = 180.0
 REPLY_DEADLINE_MS = 30_000
 ACTORS = ("gateway", "auth", "sessions", "engine", "monitor")
+HTTP_ACTOR = "http"  # runs only in daemons started with http=True
 
 # The clients every test daemon knows: alice (high priority), bob (normal), carol (low, only two
 # sessions). The daemon listens on 127.0.0.1 only, so fixed keys are enough.
@@ -67,9 +71,17 @@ class Daemon:
     other_api_key: str
     log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    http_port: int = 0  # 0: the HTTP actor is off
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def http_url(self) -> str:
+        """`http://127.0.0.1:PORT` of the HTTP actor (start_daemon(..., http=True))."""
+        if not self.http_port:
+            raise RuntimeError("this daemon serves no HTTP (start it with http=True)")
+        return f"http://127.0.0.1:{self.http_port}"
 
 
 def serve_command(port: int, metrics_port: int, clients: Path, *extra: str) -> list[str]:
@@ -119,16 +131,20 @@ def start_daemon(
     *extra: str,
     env: dict[str, str] | None = None,
     deadline_s: float = START_DEADLINE_S,
+    http: bool = False,
 ) -> Daemon:
     """`inferencecenter serve` (serve_command) in `tmp`, with its clients file and log there;
-    returns once it answers ping. A daemon that does not start is stopped and its log raised."""
+    returns once it answers ping (and, with `http`, once GET /health says ok). The HTTP actor
+    runs only with `http`, on a free port (`Daemon.http_port`), so daemons never fight over
+    8080. A daemon that does not start is stopped and its log raised."""
     clients = tmp / "clients.json"
     keys = write_clients(clients)
-    port, metrics_port = free_ports(2)
+    port, metrics_port, http_port = free_ports(3)
+    http_port = http_port if http else 0
     log_path = tmp / "daemon.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            serve_command(port, metrics_port, clients, *extra),
+            serve_command(port, metrics_port, clients, "--http-port", str(http_port), *extra),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -136,6 +152,8 @@ def start_daemon(
     endpoint = f"tcp://127.0.0.1:{port}"
     try:
         wait_for_pong(endpoint, process, deadline_s)
+        if http_port:
+            wait_for_health(f"http://127.0.0.1:{http_port}", process, deadline_s)
     except BaseException:
         stop_daemon(process)
         raise RuntimeError(
@@ -152,7 +170,31 @@ def start_daemon(
         keys["bob"],
         log_path,
         {"carol_key": keys["carol"]},
+        http_port,
     )
+
+
+def health(url: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """GET /health: the status and the JSON body (status 0: nothing answers)."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, ConnectionError):
+        return 0, {}
+
+
+def wait_for_health(url: str, process: subprocess.Popen[bytes], deadline_s: float) -> None:
+    """Block until GET /health answers 200 (the supervisor told the HTTP actor all is ready)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode} before it served")
+        if health(url)[0] == 200:
+            return
+        time.sleep(0.05)  # polling: the supervisor's message leaves no other trace to wait on
+    raise TimeoutError("GET /health did not say ok in time")
 
 
 def stop_daemon(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
@@ -168,21 +210,23 @@ def stop_daemon(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
 
 
 def running_actors(daemon: Daemon) -> dict[str, psutil.Process]:
-    """The supervisor ("daemon") and those of its five actors running now, by name."""
+    """The supervisor ("daemon") and those of its actors running now, by name."""
     supervisor = psutil.Process(daemon.process.pid)
     found = {"daemon": supervisor}
     for child in supervisor.children():
         command = " ".join(child.cmdline())
-        for name in ACTORS:
+        for name in (*ACTORS, HTTP_ACTOR):
             if f"inferencecenter-{name}" in command:
                 found[name] = child
     return found
 
 
 def actor_processes(daemon: Daemon) -> dict[str, psutil.Process]:
-    """The supervisor ("daemon") and its five actors, by name; all of them must run."""
+    """The supervisor ("daemon") and its actors (with HTTP, if on), by name; all must run."""
     found = running_actors(daemon)
     missing = set(ACTORS) - set(found)
+    if daemon.http_port and HTTP_ACTOR not in found:
+        missing.add(HTTP_ACTOR)
     if missing:
         raise RuntimeError(f"actors not running: {sorted(missing)}")
     return found

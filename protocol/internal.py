@@ -20,7 +20,10 @@ AUTH = "auth"
 SESSIONS = "sessions"
 ENGINE = "engine"
 MONITOR = "monitor"
-ACTORS = (AUTH, SESSIONS, MONITOR, ENGINE, GATEWAY)  # start order: the gateway last
+HTTP = "http"  # the HTTP frontend (OpenAI API, WebSocket); not started with --http-port 0
+# Start order: the gateway last. The HTTP actor starts with the first ones, so that /health can
+# answer "loading" while the model loads; the supervisor tells it when all are ready.
+ACTORS = (AUTH, SESSIONS, MONITOR, ENGINE, HTTP, GATEWAY)
 SUPERVISOR = "supervisor"
 
 # Internal reply ops.
@@ -33,14 +36,18 @@ END = "end"
 TOKENS = "tokens"
 
 # Ops each actor serves (its handler table must match this list).
-AUTH_OPS = ("authenticate",)
+AUTH_OPS = ("authenticate", "authenticate_key")
 SESSIONS_OPS = ("create", "check", "remove", "list", "append", "snapshot")
 ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats")
 # Pushed to the supervisor: {"op": "ready", "actor": name} or {"op": "fatal", "actor", "message"}.
 SUPERVISOR_OPS = ("ready", "fatal", "alive")
 # Pushed to the monitor: the engine's figures once a second ("inference"), session events and
 # an overloaded queue ("event"), one record per finished infer ("request"); auth failures.
-MONITOR_OPS = ("inference", "event", "request", "auth_failed")
+# Asked of it by the HTTP actor: the last metrics ("snapshot"), the Prometheus text.
+MONITOR_OPS = ("inference", "event", "request", "auth_failed", "snapshot", "prometheus")
+# Pushed to the HTTP actor by the supervisor: {"op": "daemon_state", "ready": bool}, whether
+# every actor is ready (GET /health).
+HTTP_OPS = ("daemon_state",)
 
 
 def endpoint(runtime_dir: str | Path, name: str) -> str:

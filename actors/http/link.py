@@ -1,0 +1,275 @@
+"""The HTTP actor's way into the daemon: auth, sessions, engine and monitor over the internal
+sockets, as the ZeroMQ gateway reaches them (never through the public frontend)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ...protocol import internal
+from ...protocol.errors import (
+    ERROR_TYPES,
+    AuthFailed,
+    Forbidden,
+    InternalError,
+    NotFound,
+    ProtocolError,
+    error_from_body,
+)
+from ..actor import ActorLink, Body
+from ..config import Config
+from ..logs import EventLog
+
+log = EventLog("http")
+
+# As the gateway: an engine that is restarting answers `open` once it is back.
+ENGINE_OPEN_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Client:
+    """An authenticated client, as the auth actor describes it."""
+
+    client_id: str
+    max_sessions: int
+    priority: str
+    role: str = "user"
+
+
+@dataclass
+class Token:
+    seq: int
+    content: str
+
+
+@dataclass
+class End:
+    finish_reason: str
+    stats: Body
+    message: str = ""
+
+
+@dataclass
+class InferStream:
+    """One running infer: its `Token`s then one `End` arrive on `events`; an error before the
+    first token raises from `next()` as its protocol error."""
+
+    session_id: str
+    ref: int
+    events: trio.MemoryReceiveChannel[Token | End | ProtocolError]
+    ended: bool = False
+    tokens: list[str] = field(default_factory=list)
+
+    async def next(self) -> Token | End:
+        event = await self.events.receive()
+        if isinstance(event, ProtocolError):
+            self.ended = True
+            raise event
+        if isinstance(event, End):
+            self.ended = True
+        else:
+            self.tokens.append(event.content)
+        return event
+
+    async def collect(self) -> End:
+        """Wait for the end; the text is then `"".join(self.tokens)`."""
+        while True:
+            event = await self.next()
+            if isinstance(event, End):
+                return event
+
+
+class DaemonLink:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.auth = ActorLink(internal.AUTH, config)
+        self.sessions = ActorLink(internal.SESSIONS, config)
+        self.engine = ActorLink(internal.ENGINE, config, watch=True)
+        self.monitor = ActorLink(internal.MONITOR, config)
+        self.ctx_size = config.ctx_size  # a session's context, as the engine last said
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for link in (self.auth, self.sessions, self.engine, self.monitor):
+                nursery.start_soon(link.run)
+
+    # ---- clients ------------------------------------------------------------------------
+
+    async def authenticate_key(self, api_key: str) -> Client:
+        """The client whose key this is (HTTP's Bearer key names the client by itself)."""
+        result = await self.auth.request("authenticate_key", api_key=api_key)
+        if not result.get("ok"):
+            raise AuthFailed("missing or wrong api key (Authorization: Bearer <key>)")
+        return _client(result)
+
+    async def authenticate(self, client_id: str, api_key: str) -> Client | None:
+        result = await self.auth.request("authenticate", client_id=client_id, api_key=api_key)
+        return _client(result) if result.get("ok") else None
+
+    # ---- sessions -----------------------------------------------------------------------
+
+    async def create_session(
+        self, client: Client, model: str, system_prompt: str | None = None
+    ) -> tuple[str, int]:
+        """A new session of `client` in the sessions actor and the engine: (id, ctx_size)."""
+        created = await self.sessions.request(
+            "create",
+            client_id=client.client_id,
+            max_sessions=client.max_sessions,
+            model=model,
+            system_prompt=system_prompt,
+        )
+        session_id = str(created["session_id"])
+        try:
+            opened = await self.engine.request(
+                "open",
+                timeout=ENGINE_OPEN_TIMEOUT_S,
+                session_id=session_id,
+                system_prompt=system_prompt,
+                client_id=client.client_id,
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.close_session(session_id)
+            raise
+        self.ctx_size = int(opened["ctx_size"])
+        return session_id, self.ctx_size
+
+    async def close_session(self, session_id: str) -> None:
+        """Close a session (a generation running in it is aborted); a gone one is no error."""
+        try:
+            await self.engine.request("close", session_id=session_id)
+        except ProtocolError as exc:
+            log.debug("engine close failed", session_id=session_id, reason=exc.message)
+        try:
+            await self.sessions.request("remove", session_id=session_id)
+        except NotFound:
+            pass
+
+    @asynccontextmanager
+    async def short_session(
+        self, client: Client, model: str, system_prompt: str | None = None
+    ) -> AsyncIterator[tuple[str, int]]:
+        """A session for one request, closed after it whatever happens (a client that went
+        away included: closing aborts its generation)."""
+        session_id, ctx_size = await self.create_session(client, model, system_prompt)
+        try:
+            yield session_id, ctx_size
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.close_session(session_id)
+
+    async def check_owner(self, client: Client, session_id: str) -> str:
+        """The session's model, if `client` owns it."""
+        found = await self.sessions.request("check", session_id=session_id)
+        if found["client_id"] != client.client_id:
+            raise Forbidden("this session belongs to another client")
+        return str(found["model"])
+
+    async def list_sessions(self, client: Client) -> list[Body]:
+        listed = await self.sessions.request("list", client_id=client.client_id)
+        sessions: list[Body] = listed["sessions"]
+        return sessions
+
+    async def session_tokens(self, session_id: str) -> int | None:
+        """Tokens the session's context holds now (None: the engine does not know it)."""
+        info = await self.engine.request("info", session_ids=[session_id])
+        found = info["sessions"].get(session_id)
+        return None if found is None else int(found["tokens"])
+
+    # ---- inference ----------------------------------------------------------------------
+
+    def infer(
+        self,
+        client: Client,
+        session_id: str,
+        params: Body,
+        *,
+        prompt: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+    ) -> InferStream:
+        """Start an infer; its tokens and end come on the stream's channel."""
+        send, receive = trio.open_memory_channel[Token | End | ProtocolError](math.inf)
+        payload: Body = {
+            "session_id": session_id,
+            "params": params,
+            "reset": False,
+            "priority": client.priority,
+            "client_id": client.client_id,
+        }
+        if messages is not None:
+            payload["messages"] = messages
+        else:
+            payload["prompt"] = prompt or ""
+        ref = 0
+
+        def on_message(body: Body) -> None:
+            op = body.get("op")
+            if op == internal.TOKEN:
+                send.send_nowait(Token(int(body["seq"]), str(body["content"])))
+                return
+            self.engine.forget(ref)
+            if body.get("lost"):
+                send.send_nowait(InternalError("the engine restarted; retry the request"))
+            elif op == internal.END:
+                reason, stats = str(body["finish_reason"]), dict(body["stats"])
+                send.send_nowait(End(reason, stats, str(body.get("message", ""))))
+            else:
+                send.send_nowait(remote_error(body))
+            send.close()
+
+        ref = self.engine.stream("infer", on_message, **payload)
+        return InferStream(session_id, ref, receive)
+
+    def abort(self, session_id: str) -> None:
+        """Ask the engine to end a running generation (it then sends its `end`)."""
+        self.engine.push("abort", session_id=session_id)
+
+    async def abort_and_wait(self, stream: InferStream) -> None:
+        """Abort and drain to the end, so the session is idle again when this returns."""
+        if stream.ended:
+            return
+        self.abort(stream.session_id)
+        with trio.move_on_after(10.0):
+            try:
+                await stream.collect()
+            except ProtocolError:
+                pass
+
+    # ---- figures ------------------------------------------------------------------------
+
+    async def inference_stats(self) -> Body:
+        stats = await self.engine.request("stats")
+        inference: Body = stats["inference"]
+        return inference
+
+    async def monitor_request(self, op: str, **fields: Any) -> Body:
+        return await self.monitor.request(op, timeout=5.0, **fields)
+
+
+def remote_error(body: Body) -> ProtocolError:
+    """An `error` message as its exception, codes this side has no class for included (their
+    code kept, for the HTTP status), with the `retry_after_s` a budget gives."""
+    code = str(body.get("code", "internal"))
+    if code in ERROR_TYPES:
+        error = error_from_body(body)
+    else:
+        error = ProtocolError(str(body.get("message", code)))
+        setattr(error, "code", code)  # noqa: B010 (an instance's code, not the class's)
+    if isinstance(body.get("retry_after_s"), (int, float)):
+        setattr(error, "retry_after_s", float(body["retry_after_s"]))  # noqa: B010
+    return error
+
+
+def _client(result: Body) -> Client:
+    return Client(
+        str(result["client_id"]),
+        int(result["max_sessions"]),
+        str(result["priority"]),
+        str(result.get("role", "user")),
+    )
