@@ -420,6 +420,120 @@ def test_a_client_that_disconnects_has_its_generation_aborted(
     assert seconds < 0.5
 
 
+# ---- responses ------------------------------------------------------------------------------
+
+
+def alice_sessions(raw: RawClient) -> list[str]:
+    return [s["session_id"] for s in raw.request({"op": "list_sessions"})["sessions"]]
+
+
+def test_a_response_continues_its_conversation_evaluating_only_the_new_input(
+    http_daemon: Daemon, model: str, raw: RawClient
+) -> None:
+    client = openai_client(http_daemon)
+    first = client.responses.create(
+        model=model,
+        instructions="Answer briefly.",
+        input="Name a color.",
+        max_output_tokens=6,
+        **GREEDY,
+    )
+    assert first.status == "incomplete" and first.output_text
+    assert first.usage is not None and first.usage.input_tokens_details.cached_tokens == 0
+    assert len(alice_sessions(raw)) == 1  # the stored conversation's session
+    second = client.responses.create(
+        model=model,
+        previous_response_id=first.id,
+        input="And another one?",
+        max_output_tokens=6,
+        **GREEDY,
+    )
+    assert second.previous_response_id == first.id and second.id != first.id
+    assert second.usage is not None
+    earlier = first.usage.input_tokens + first.usage.output_tokens
+    # Every token of the first turn is reused but the last one sampled (not yet in the KV).
+    assert second.usage.input_tokens_details.cached_tokens >= earlier - 1
+    assert second.usage.input_tokens > second.usage.input_tokens_details.cached_tokens
+    # The same conversation over ZeroMQ, turn by turn, answers the same.
+    session_id = new_session(raw, system_prompt="Answer briefly.")
+    params = {"temp": 0, "max_tokens": 6}
+    turn = [{"role": "user", "content": "Name a color."}]
+    assert run_infer(raw, session_id, messages=turn, params=params)[0] == first.output_text
+    turn = [{"role": "user", "content": "And another one?"}]
+    assert run_infer(raw, session_id, messages=turn, params=params)[0] == second.output_text
+
+
+def test_only_the_latest_response_of_a_conversation_continues(
+    http_daemon: Daemon, model: str, raw: RawClient
+) -> None:
+    client = openai_client(http_daemon)
+    first = client.responses.create(model=model, input="Hello", max_output_tokens=2)
+    client.responses.create(
+        model=model, input="Again", previous_response_id=first.id, max_output_tokens=2
+    )
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(
+            model=model, input="Once more", previous_response_id=first.id, max_output_tokens=2
+        )
+    body: Any = caught.value.body
+    assert body["param"] == "previous_response_id"
+    bob = openai_client(http_daemon, key=http_daemon.other_api_key)
+    with pytest.raises(openai.NotFoundError):  # another client's response is not found
+        bob.responses.create(model=model, input="Hi", previous_response_id=first.id)
+
+
+def test_store_false_keeps_nothing(http_daemon: Daemon, model: str, raw: RawClient) -> None:
+    client = openai_client(http_daemon)
+    reply = client.responses.create(model=model, input="Hi", max_output_tokens=2, store=False)
+    assert reply.output_text is not None and reply.store is False
+    assert alice_sessions(raw) == []
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.create(model=model, input="Again", previous_response_id=reply.id)
+    body: Any = caught.value.body
+    assert body["param"] == "previous_response_id"
+
+
+def test_a_response_streams_its_events_async(http_daemon: Daemon, model: str) -> None:
+    async def stream() -> list[Any]:
+        client = async_client(http_daemon)
+        events = await client.responses.create(
+            model=model, input="Count: one, two,", max_output_tokens=5, stream=True, **GREEDY
+        )
+        return [event async for event in events]
+
+    events = trio.run(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert final.id == events[0].response.id and final.output_text == deltas
+    assert final.usage.output_tokens == 5
+
+
+def test_the_stream_helper_gets_the_final_response(http_daemon: Daemon, model: str) -> None:
+    with openai_client(http_daemon).responses.stream(
+        model=model,
+        input="Write a line.",
+        max_output_tokens=40,
+        extra_body={"stop": ["\n", " "]},  # a stop string ends it: status "completed"
+    ) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text == deltas
+
+
 # ---- loading ------------------------------------------------------------------------------
 
 
