@@ -34,7 +34,7 @@ from ...protocol.errors import (
 from ..config import Config
 from ..logs import EventLog
 from . import responses as rs
-from . import shapes
+from . import seed, shapes
 from .link import Client, DaemonLink, End, InferStream, Token
 from .shapes import Body, FieldError, Generation, ReplyIds, Unavailable
 
@@ -141,14 +141,19 @@ class Routes:
             Route("/v1/completions", _handled(self.completions), methods=post),
             Route("/v1/chat/completions", _handled(self.chat_completions), methods=post),
             Route("/v1/responses", _handled(self.responses), methods=post),
+            Route("/stats", _handled(self.stats), methods=get),
+            Route("/status", _handled(self.status), methods=get),
+            Route("/metrics", _handled(self.metrics), methods=get),
+            Route("/load_model", _handled(self.load_model), methods=post),
             WebSocketRoute("/ws", websocket),
         ]
         return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     # ---- plumbing -----------------------------------------------------------------------
 
-    async def authorized(self, request: Request) -> Client:
-        self.state.check()
+    async def authorized(self, request: Request, *, while_loading: bool = False) -> Client:
+        if not while_loading:
+            self.state.check()
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthenticated("missing Authorization: Bearer <api key>")
@@ -216,6 +221,66 @@ class Routes:
     async def list_models(self, request: Request) -> Response:
         await self.authorized(request)
         return JSONResponse(shapes.model_list(self.models, self.started))
+
+    # ---- the seed systems' routes --------------------------------------------------------
+
+    async def stats(self, request: Request) -> Response:
+        """The `stats` op's map (this client's sessions), and the same figures per model."""
+        client = await self.authorized(request)
+        inference = await self.link.inference_stats()
+        sessions = await self.link.list_sessions(client)
+        return JSONResponse(
+            {
+                "inference": inference,
+                "sessions": len(sessions),
+                "models": {self.models[0]: inference},
+            }
+        )
+
+    async def status(self, request: Request) -> Response:
+        """The models and their state, as `list_models` answers (answered while loading too)."""
+        await self.authorized(request, while_loading=True)
+        sessions = None
+        if self.state.ready:
+            sessions = (await self.link.inference_stats()).get("total_sessions", 0)
+        return JSONResponse(
+            {
+                "default": self.models[0],
+                "models": [
+                    {
+                        "model": self.models[0],
+                        "state": "loaded" if self.state.ready else "loading",
+                        "parallel": self.config.parallel,
+                        "ctx_size": self.link.ctx_size,
+                        "sessions": sessions,
+                        "memory_mb": None,
+                    }
+                ],
+            }
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text: the monitor's series, the same as --prometheus-port serves."""
+        await self.authorized(request, while_loading=True)
+        text = (await self.link.monitor_request("prometheus"))["text"]
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def load_model(self, request: Request) -> Response:
+        """Admin only. This daemon serves one model: loading it again answers at once; another
+        one is `unavailable` (serving several models is the multi-model daemon's)."""
+        client = await self.authorized(request)
+        if client.role != "admin":
+            raise Forbidden("loading models is for admin clients")
+        body = await self.read_json(request)
+        name, path = seed.load_model_fields(body)
+        if name not in self.models:
+            raise Unavailable(
+                f"this daemon serves one model ({self.models[0]}); {name!r} cannot be loaded "
+                "while it runs"
+            )
+        if path is not None and not seed.same_file(path, self.config.model):
+            raise Unavailable(f"{name!r} is served from another file; it cannot be reloaded now")
+        return JSONResponse({"status": "loaded", "model": name, "seconds": 0.0})
 
     # ---- completions --------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from .routes import DaemonState
 log = EventLog("http")
 
 Body = dict[str, Any]
-METRICS_PERIOD_S = 1.0
+METRICS_POLL_S = 0.25  # the monitor publishes once a second
 GPU_FIELDS = (
     "temp",
     "vram_total_mb",
@@ -116,14 +116,14 @@ class Connection:
         }
 
     async def run(self) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
                 await self.serve()
+            finally:
+                for session_id in list(self.streams):
+                    self.link.abort(session_id)  # the client is gone: its generations end
                 nursery.cancel_scope.cancel()
-        finally:
-            for session_id in list(self.streams):
-                self.link.abort(session_id)  # the client is gone: its generations end
 
     async def serve(self) -> None:
         while True:
@@ -237,11 +237,11 @@ class Connection:
 
     async def infer(self, body: Body) -> None:
         client = self.authenticated()
-        session_id = await self.owned_session(body)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise BadRequest("field 'prompt' must be a string")
         params = parse_params(body.get("params")).to_wire()
+        session_id = await self.owned_session(body)
         if session_id in self.streams:
             raise Busy("this session is still generating; abort it or wait for its end")
         stream = self.link.infer(client, session_id, params, prompt=prompt)
@@ -302,12 +302,18 @@ class Connection:
         await self.send({"op": "metrics_unsubscribed", "message": "no more metrics"})
 
     async def push_metrics(self, scope: trio.CancelScope) -> None:
+        """Each metrics the monitor publishes (once a second), looked for four times as often."""
+        last = None
         with scope:
             while True:
-                await trio.sleep(METRICS_PERIOD_S)
+                await trio.sleep(METRICS_POLL_S)
                 try:
-                    snapshot = await self.link.monitor_request("snapshot")
+                    reply = await self.link.monitor_request("snapshot")
                 except ProtocolError as exc:
                     log.warning("metrics unavailable", reason=exc.message)
                     continue
+                snapshot = reply.get("metrics")
+                if snapshot is None or snapshot.get("timestamp") == last:
+                    continue
+                last = snapshot.get("timestamp")
                 await self.send(metrics_message(snapshot))
