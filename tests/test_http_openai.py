@@ -482,6 +482,31 @@ def test_only_the_latest_response_of_a_conversation_continues(
         bob.responses.create(model=model, input="Hi", previous_response_id=first.id)
 
 
+def test_a_conversation_still_generating_is_409(
+    http_daemon: Daemon, model: str, raw: RawClient
+) -> None:
+    client = openai_client(http_daemon)
+    stream = client.responses.create(
+        model=model, input="Tell a long story.", max_output_tokens=800, stream=True
+    )
+    try:
+        events = iter(stream)
+        created = next(events)
+        assert created.type == "response.created"
+        assert any(e.type == "response.output_text.delta" for e in events)  # it generates
+        with pytest.raises(openai.ConflictError) as caught:
+            client.responses.create(
+                model=model,
+                input="And then?",
+                previous_response_id=created.response.id,
+                max_output_tokens=2,
+            )
+        body: Any = caught.value.body
+        assert body["code"] == "busy"
+    finally:
+        stream.close()
+
+
 def test_store_false_keeps_nothing(http_daemon: Daemon, model: str, raw: RawClient) -> None:
     client = openai_client(http_daemon)
     reply = client.responses.create(model=model, input="Hi", max_output_tokens=2, store=False)

@@ -198,15 +198,21 @@ class Routes:
     async def watched(self, request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
         """`work()`, cancelled (ClientGone) if the client disconnects meanwhile."""
         result: list[Any] = []
+        refused: list[ProtocolError] = []  # raised here, not wrapped in the nursery's group
         async with trio.open_nursery() as nursery:
 
             async def run() -> None:
-                result.append(await work())
+                try:
+                    result.append(await work())
+                except ProtocolError as exc:
+                    refused.append(exc)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(run)
             await self.until_disconnect(request)
             nursery.cancel_scope.cancel()
+        if refused:
+            raise refused[0]
         if not result:
             raise ClientGone()
         return result[0]
@@ -427,51 +433,59 @@ def check_end(end: End) -> None:
         raise Unavailable("the generation was aborted (the daemon is stopping)")
 
 
-def error_event(end: End) -> Body:
-    try:
-        check_end(end)
-    except ProtocolError as exc:
-        return shapes.error_of(exc)
-    raise AssertionError("not an error")
+async def outcome(
+    stream: InferStream, first: Token | End
+) -> AsyncIterator[str | End | ProtocolError]:
+    """A generation's pieces of text, then its end, or the error that ended it instead (the
+    engine lost, the daemon stopping): what a stream that already said 200 must tell."""
+    event = first
+    while True:
+        if isinstance(event, End):
+            try:
+                check_end(event)
+            except ProtocolError as exc:
+                yield exc
+                return
+            yield event
+            return
+        if event.content:
+            yield event.content
+        try:
+            event = await stream.next()
+        except ProtocolError as exc:
+            yield exc
+            return
 
 
 async def chat_events(
     ids: ReplyIds, stream: InferStream, first: Token | End, include_usage: bool
 ) -> AsyncIterator[SseEvent]:
     yield shapes.chat_chunk(ids, {"role": "assistant", "content": ""}, None, include_usage)
-    event = first
-    while True:
-        if isinstance(event, End):
-            if event.finish_reason in ("error", "aborted"):
-                yield error_event(event)
-                return
-            yield shapes.chat_chunk(ids, {}, event.finish_reason, include_usage)
+    async for item in outcome(stream, first):
+        if isinstance(item, str):
+            yield shapes.chat_chunk(ids, {"content": item}, None, include_usage)
+        elif isinstance(item, ProtocolError):
+            yield shapes.error_of(item)  # the openai package raises it as an APIError
+        else:
+            yield shapes.chat_chunk(ids, {}, item.finish_reason, include_usage)
             if include_usage:
-                yield shapes.usage_chunk(ids, "chat.completion.chunk", event.stats)
+                yield shapes.usage_chunk(ids, "chat.completion.chunk", item.stats)
             yield "[DONE]"
-            return
-        if event.content:
-            yield shapes.chat_chunk(ids, {"content": event.content}, None, include_usage)
-        event = await stream.next()
 
 
 async def completion_events(
     ids: ReplyIds, stream: InferStream, first: Token | End, include_usage: bool
 ) -> AsyncIterator[SseEvent]:
-    event = first
-    while True:
-        if isinstance(event, End):
-            if event.finish_reason in ("error", "aborted"):
-                yield error_event(event)
-                return
-            yield shapes.completion_chunk(ids, "", event.finish_reason)
+    async for item in outcome(stream, first):
+        if isinstance(item, str):
+            yield shapes.completion_chunk(ids, item, None)
+        elif isinstance(item, ProtocolError):
+            yield shapes.error_of(item)
+        else:
+            yield shapes.completion_chunk(ids, "", item.finish_reason)
             if include_usage:
-                yield shapes.usage_chunk(ids, "text_completion", event.stats)
+                yield shapes.usage_chunk(ids, "text_completion", item.stats)
             yield "[DONE]"
-            return
-        if event.content:
-            yield shapes.completion_chunk(ids, event.content, None)
-        event = await stream.next()
 
 
 async def response_events(
@@ -481,13 +495,11 @@ async def response_events(
     events = rs.EventSequence(reply)
     for item in events.opening():
         yield item
-    event = first
-    while isinstance(event, Token):
-        if event.content:
-            yield events.delta(event.content)
-        event = await stream.next()
-    if event.finish_reason in ("error", "aborted"):
-        yield events.failed(error_event(event)["error"])
-        return
-    for item in events.closing(event.finish_reason, event.stats):
-        yield item
+    async for piece in outcome(stream, first):
+        if isinstance(piece, str):
+            yield events.delta(piece)
+        elif isinstance(piece, ProtocolError):
+            yield events.failed(shapes.error_of(piece)["error"])
+        else:
+            for item in events.closing(piece.finish_reason, piece.stats):
+                yield item
