@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class Config:
     engine_hang_s: float = 60.0
     prometheus_port: int = 0
     http_port: int = 8080
+    tls_cert: str = ""  # with tls_key: the HTTP port serves HTTPS
+    tls_key: str = ""
     alert_temp_c: float = 83.0
     log_format: str = "text"
     log_level: str = "info"
@@ -134,6 +137,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=8080,
         help="HTTP port on --bind: OpenAI API, /health, /ws (0: off)",
     )
+    parser.add_argument("--tls-cert", help="PEM certificate: the HTTP port serves HTTPS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument(
         "--alert-temp-c", type=float, default=83.0, help="GPU temperature that raises an alert"
     )
@@ -161,6 +166,23 @@ def _check_model(path: str) -> None:
 def _check_port(name: str, value: int) -> None:
     if not 1 <= value <= 65535:
         raise ConfigError(f"{name} must be in 1..65535 (got {value})")
+
+
+def _check_tls(args: argparse.Namespace) -> tuple[str, str]:
+    """Both files or neither, loadable as a certificate chain and its key."""
+    cert, key = args.tls_cert or "", args.tls_key or ""
+    if not cert and not key:
+        return "", ""
+    if not (cert and key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if not args.http_port:
+        raise ConfigError("--tls-cert and --tls-key need the HTTP port (--http-port is 0)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot use --tls-cert {cert} / --tls-key {key}: {reason}") from None
+    return os.path.abspath(cert), os.path.abspath(key)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
@@ -201,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         _check_port("--http-port", args.http_port)
         if args.http_port in (args.port, args.metrics_port, args.prometheus_port):
             raise ConfigError("--http-port must differ from the other ports")
+    tls_cert, tls_key = _check_tls(args)
     if args.engine_hang_s < 1:
         raise ConfigError("--engine-hang-s must be at least 1 second")
     if args.session_idle_timeout < 1:
@@ -250,6 +273,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         engine_hang_s=args.engine_hang_s,
         prometheus_port=args.prometheus_port,
         http_port=args.http_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         alert_temp_c=args.alert_temp_c,
         log_format=args.log_format,
         log_level=args.log_level,

@@ -142,6 +142,12 @@ class Supervisor:
         if actor.name == internal.HTTP:
             self.http_told = None  # a new HTTP actor knows nothing yet
 
+    def http_url(self) -> str:
+        if not self.config.http_port:
+            return "off"
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{self.config.bind}:{self.config.http_port}"
+
     def tell_http(self) -> None:
         """Tell the HTTP actor whether every actor is ready, when that changed."""
         ready = all(actor.ready for actor in self.actors.values())
@@ -304,9 +310,7 @@ class Supervisor:
                 "daemon ready",
                 endpoint=f"tcp://{self.config.bind}:{self.config.port}",
                 metrics=f"tcp://{self.config.bind}:{self.config.metrics_port}",
-                http=f"http://{self.config.bind}:{self.config.http_port}"
-                if self.config.http_port
-                else "off",
+                http=self.http_url(),
                 model=self.config.model,
                 clients=self.config.clients,
                 seconds=round(time.monotonic() - started, 2),

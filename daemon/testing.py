@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket as net
+import ssl
 import subprocess
 import sys
 import time
@@ -72,6 +73,7 @@ class Daemon:
     log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
     http_port: int = 0  # 0: the HTTP actor is off
+    http_scheme: str = "http"  # "https" with --tls-cert
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -81,7 +83,7 @@ class Daemon:
         """`http://127.0.0.1:PORT` of the HTTP actor (start_daemon(..., http=True))."""
         if not self.http_port:
             raise RuntimeError("this daemon serves no HTTP (start it with http=True)")
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.http_scheme}://127.0.0.1:{self.http_port}"
 
 
 def serve_command(port: int, metrics_port: int, clients: Path, *extra: str) -> list[str]:
@@ -141,6 +143,7 @@ def start_daemon(
     keys = write_clients(clients)
     port, metrics_port, http_port = free_ports(3)
     http_port = http_port if http else 0
+    scheme = "https" if "--tls-cert" in extra else "http"
     log_path = tmp / "daemon.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
@@ -153,7 +156,7 @@ def start_daemon(
     try:
         wait_for_pong(endpoint, process, deadline_s)
         if http_port:
-            wait_for_health(f"http://127.0.0.1:{http_port}", process, deadline_s)
+            wait_for_health(f"{scheme}://127.0.0.1:{http_port}", process, deadline_s)
     except BaseException:
         stop_daemon(process)
         raise RuntimeError(
@@ -171,13 +174,16 @@ def start_daemon(
         log_path,
         {"carol_key": keys["carol"]},
         http_port,
+        scheme,
     )
 
 
 def health(url: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-    """GET /health: the status and the JSON body (status 0: nothing answers)."""
+    """GET /health: the status and the JSON body (status 0: nothing answers). Over HTTPS the
+    certificate is not checked: this only asks whether the daemon serves yet."""
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout, context=context) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")

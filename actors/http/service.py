@@ -29,6 +29,8 @@ def server_config(config: Config) -> ServerConfig:
     server.accesslog = None
     server.errorlog = logging.getLogger("http")
     server.graceful_timeout = GRACEFUL_S
+    if config.tls_cert:
+        server.certfile, server.keyfile = config.tls_cert, config.tls_key  # HTTPS, WSS
     # Beyond this a frame closes the connection; up to it, a frame over --max-message-bytes
     # gets a `too_large` error and the connection goes on (as on ZeroMQ).
     server.websocket_max_message_size = wire.hard_cap(config.max_message_bytes)
