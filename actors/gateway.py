@@ -98,6 +98,7 @@ class Gateway:
         self.engine = ActorLink(internal.ENGINE, config, watch=True)
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
+        self.queued = 0  # requests in the connections' queues, not yet taken
         self.streams: dict[int, Stream] = {}  # running infers by the engine's ref
         self.owners: OrderedDict[str, Owner] = OrderedDict()  # by session_id
         self.fd_peers: dict[int, bytes] = {}
@@ -224,6 +225,8 @@ class Gateway:
             queue.send_nowait(request)
         except trio.WouldBlock:
             self.reply_error(peer, request.id, Overloaded("too many requests in flight"))
+        else:
+            self.queued += 1
 
     async def serve_connection(
         self, peer: bytes, receive: trio.MemoryReceiveChannel[Request]
@@ -241,6 +244,7 @@ class Gateway:
                 return
             except trio.EndOfChannel:  # the connection is gone
                 return
+            self.queued -= 1
             try:
                 await self.handlers[request.op](peer, request)
             except ProtocolError as exc:
@@ -413,6 +417,8 @@ class Gateway:
             payload["prompt"] = fields["prompt"]
         else:
             payload["messages"] = fields["messages"]
+        if self.queued or self.frontend.has_input():
+            payload["more"] = True  # others were sent with it: the engine waits for them
         ref = 0
 
         def on_message(body: Body) -> None:

@@ -85,6 +85,10 @@ class TrioSocket:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
+    def has_input(self) -> bool:
+        """Whether messages wait in the socket, not yet received."""
+        return bool(_events(self.sock) & zmq.POLLIN)
+
     @property
     def pending_sends(self) -> int:
         return len(self._outbox)

@@ -32,12 +32,14 @@ from .worker import DecodeThread, StepResult, execute_step
 log = EventLog("engine")
 
 STATS_PERIOD_S = 1.0
-# Requests that arrive together start together: after an idle spell, the first step waits while
-# more keep arriving (each within COALESCE_GAP_S of the last, COALESCE_MAX_S in all), so one
-# prefill step takes them all instead of the first alone and the rest one step later. (A shorter
-# first wait, 0.5 ms, split requests sent together over two steps now and then, and temp-0 output
-# depends on the batch's shape: test_concurrent_sessions_are_isolated_and_reproducible failed.)
+# Requests sent together start together, so one prefill step takes them all (instead of the
+# first alone and the rest a step later), and temp-0 output, which depends on the batch's shape,
+# is the same each time they are sent together. After an idle spell the first step waits for
+# the next arrival: COALESCE_GAP_S while the last infer is marked `more` (the gateway had others
+# queued behind it), COALESCE_FIRST_S for an unmarked one (one the gateway forwarded before the
+# next had reached it), COALESCE_MAX_S in all. A lone request pays COALESCE_FIRST_S.
 COALESCE_GAP_S = 0.005
+COALESCE_FIRST_S = 0.001
 COALESCE_MAX_S = 0.03
 
 
@@ -61,6 +63,7 @@ class EngineActor:
         self.callers: dict[int, Caller] = {}  # who asked for each running job
         self.server: ActorServer | None = None  # the socket the callers' messages go out on
         self.next_job_id = 0
+        self.more_coming = False  # the last infer said others were sent with it
         self.handlers = {
             "open": self.open,
             "close": self.close,
@@ -98,6 +101,7 @@ class EngineActor:
     def infer(self, body: Body, caller: Caller) -> None:
         self.next_job_id += 1
         job_id = self.next_job_id
+        self.more_coming = bool(body.get("more"))
         self.callers[job_id] = caller
         try:
             self.core.infer(
@@ -194,17 +198,26 @@ class EngineActor:
             core.admit()
             self.send_events()
             if not core.active:
-                await self.wakeup.wait()
-                self.wakeup = trio.Event()
-                await self.coalesce()
+                seen = core.arrivals
+                await self.wait_for_change()
+                if core.arrivals != seen:
+                    await self.coalesce()
                 continue
             await self.step()
 
+    async def wait_for_change(self) -> None:
+        await self.wakeup.wait()
+        self.wakeup = trio.Event()
+
     async def coalesce(self) -> None:
+        """Wait for the requests sent with the one that just arrived (bounded)."""
         deadline = trio.current_time() + COALESCE_MAX_S
-        while trio.current_time() < deadline:
+        while True:
             seen = self.core.arrivals
-            await trio.sleep(COALESCE_GAP_S)
+            gap = COALESCE_GAP_S if self.more_coming else COALESCE_FIRST_S
+            with trio.move_on_at(min(deadline, trio.current_time() + gap)):
+                while self.core.arrivals == seen:
+                    await self.wait_for_change()
             if self.core.arrivals == seen:
                 return
 
