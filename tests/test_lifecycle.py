@@ -27,7 +27,7 @@ def run_serve(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "inferencecenter.daemon", "serve", *args],
+        [sys.executable, "-m", "inferencecenter.daemon", "serve", "--http-port", "0", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -100,6 +100,8 @@ def test_first_start_writes_a_private_clients_file_and_never_logs_the_key(tmp_pa
                 str(port),
                 "--metrics-port",
                 str(metrics_port),
+                "--http-port",
+                "0",
                 "--parallel",
                 "1",
             ],
