@@ -1,4 +1,4 @@
-"""The auth actor: checks credentials against the clients file in constant time."""
+"""The auth actor: checks credentials against the clients file's key hashes in constant time."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class ClientRegistry:
         self.path = path
         self._mtime_ns = -1
         self._entries: list[tuple[bytes, bytes, ClientEntry]] = []
+        self._warned: set[str] = set()  # client_ids already named for a key in clear
         self.reload_if_changed()
 
     def reload_if_changed(self) -> None:
@@ -46,8 +47,18 @@ class ClientRegistry:
             self._mtime_ns = mtime_ns
             return
         self._mtime_ns = mtime_ns
-        self._entries = [(_digest(e.client_id), _digest(e.api_key), e) for e in entries]
+        self._entries = [
+            (_digest(e.client_id), bytes.fromhex(e.api_key_sha256), e) for e in entries
+        ]
         log.info("clients loaded", path=str(self.path), clients=len(entries))
+        plain = [e.client_id for e in entries if e.api_key and e.client_id not in self._warned]
+        if plain:
+            self._warned.update(plain)
+            log.warning(
+                "api keys stored in clear: `inferencecenter keys migrate` stores only hashes",
+                path=str(self.path),
+                clients=",".join(plain[:10]) + (f",+{len(plain) - 10}" if len(plain) > 10 else ""),
+            )
 
     def authenticate(self, client_id: str, api_key: str) -> ClientEntry | None:
         """Every entry is compared, whatever matches, so timing says nothing about which failed."""

@@ -30,9 +30,9 @@ HTTP_ACTOR = "http"  # runs only in daemons started with http=True
 # The clients every test daemon knows: alice (high priority), bob (normal), carol (low, only two
 # sessions). The daemon listens on 127.0.0.1 only, so fixed keys are enough.
 TEST_CLIENTS = (
-    ClientEntry("alice", "alice-key-0123456789", 6, "high", "tests"),
-    ClientEntry("bob", "bob-key-0123456789", 6, "normal", "tests"),
-    ClientEntry("carol", "carol-key-0123456789", 2, "low", "limits"),
+    ClientEntry("alice", "alice-key-0123456789-abcdefghijklmnop", 6, "high", "tests"),
+    ClientEntry("bob", "bob-key-0123456789-abcdefghijklmnopqr", 6, "normal", "tests"),
+    ClientEntry("carol", "carol-key-0123456789-abcdefghijklmnop", 2, "low", "limits"),
 )
 
 

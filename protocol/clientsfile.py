@@ -1,21 +1,32 @@
 """The clients file: who may connect, with which key, how many sessions and what priority.
 
-Format (kept from the original InferenceCenter):
-`{"clients": [{"client_id", "api_key", "max_sessions", "priority", "description"}]}`
+Format (kept from the original InferenceCenter, plus `role`):
+`{"clients": [{"client_id", "api_key", "max_sessions", "priority", "description", "role"}]}`
+
+A key is stored as `api_key_sha256` (hex) in place of `api_key`: a stolen file then gives no
+key. The seed format with `api_key` is still read (the auth actor warns), and `migrate` rewrites
+a file as hashes. Keys are random and long (at least MIN_KEY_CHARS), so one SHA-256 is enough.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 PRIORITIES = ("high", "normal", "low")
+# An admin may load and unload models and act on every client's sessions.
+ROLES = ("user", "admin")
 DEFAULT_MAX_SESSIONS = 8
 LOCAL_CLIENT_ID = "local"
+# A hand-written key shorter than this is refused (a generated one has 46 characters).
+MIN_KEY_CHARS = 32
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class ClientsFileError(Exception):
@@ -29,9 +40,21 @@ class ClientEntry:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     priority: str = "normal"
     description: str = ""
+    role: str = "user"
+    # The key's SHA-256 (hex), computed from api_key when that is given; api_key is "" when the
+    # file holds only the hash.
+    api_key_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.api_key and not self.api_key_sha256:
+            object.__setattr__(self, "api_key_sha256", key_sha256(self.api_key))
 
     def __repr__(self) -> str:  # never show the key, even in a traceback
         return f"ClientEntry(client_id={self.client_id!r}, priority={self.priority!r})"
+
+
+def key_sha256(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def default_path() -> Path:
@@ -49,11 +72,9 @@ def _entry(raw: Any, index: int, path: Path) -> ClientEntry:
     if not isinstance(raw, dict):
         raise ClientsFileError(f"{where} must be an object")
     client_id = raw.get("client_id")
-    api_key = raw.get("api_key")
     if not isinstance(client_id, str) or not client_id:
         raise ClientsFileError(f"{where}.client_id must be a non-empty string")
-    if not isinstance(api_key, str) or len(api_key) < 8:
-        raise ClientsFileError(f"{where}.api_key must be a string of at least 8 characters")
+    api_key, digest = _key(raw, where, client_id)
     max_sessions = raw.get("max_sessions", DEFAULT_MAX_SESSIONS)
     if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
         raise ClientsFileError(f"{where}.max_sessions must be an integer >= 1")
@@ -63,10 +84,48 @@ def _entry(raw: Any, index: int, path: Path) -> ClientEntry:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ClientsFileError(f"{where}.description must be a string")
-    return ClientEntry(client_id, api_key, max_sessions, priority, description)
+    role = raw.get("role", "user")
+    if role not in ROLES:
+        raise ClientsFileError(f"{where}.role must be one of {', '.join(ROLES)}")
+    return ClientEntry(
+        client_id, api_key, max_sessions, priority, description, role, api_key_sha256=digest
+    )
+
+
+def _key(raw: dict[str, Any], where: str, client_id: str) -> tuple[str, str]:
+    """(api_key or "", its SHA-256 hex) from `api_key_sha256` or the seed format's `api_key`."""
+    api_key, digest = raw.get("api_key"), raw.get("api_key_sha256")
+    if api_key is not None and digest is not None:
+        raise ClientsFileError(f"{where} has both api_key and api_key_sha256: keep only the hash")
+    if digest is not None:
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+            raise ClientsFileError(f"{where}.api_key_sha256 must be 64 hex digits")
+        return "", digest.lower()
+    if not isinstance(api_key, str) or not api_key:
+        raise ClientsFileError(f"{where} needs api_key_sha256 (or api_key)")
+    if len(api_key) < MIN_KEY_CHARS:
+        raise ClientsFileError(
+            f"{where}.api_key is {len(api_key)} characters, fewer than {MIN_KEY_CHARS}: "
+            f"`inferencecenter keygen {client_id} --replace` makes a random one"
+        )
+    return api_key, key_sha256(api_key)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a file that the group or others may read or write (it holds keys or their
+    hashes): `chmod 600` says the fix."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return  # reading it says what is wrong
+    if mode & 0o077:
+        raise ClientsFileError(
+            f"{path} is open to group or others (mode {mode:o}): chmod 600 {path}"
+        )
 
 
 def load(path: Path) -> list[ClientEntry]:
+    check_private(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -89,10 +148,20 @@ def load(path: Path) -> list[ClientEntry]:
 
 
 def save(path: Path, entries: list[ClientEntry]) -> None:
-    """Write atomically with mode 0600 (the file holds keys)."""
+    """Write atomically with mode 0600; an entry whose key is known keeps the seed format."""
+    write_private(path, {"clients": [_to_json(entry) for entry in entries]})
+
+
+def _to_json(entry: ClientEntry) -> dict[str, Any]:
+    data = asdict(entry)
+    del data["api_key_sha256" if entry.api_key else "api_key"]
+    return data
+
+
+def write_private(path: Path, data: Any) -> None:
+    """JSON written atomically with mode 0600, its folder created with 0700."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    data = {"clients": [asdict(entry) for entry in entries]}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2)
@@ -100,17 +169,33 @@ def save(path: Path, entries: list[ClientEntry]) -> None:
     os.replace(tmp, path)
 
 
-def create_default(path: Path) -> ClientEntry:
-    """A new file with one client `local` and a random key."""
+def hashed(entry: ClientEntry) -> ClientEntry:
+    """The entry as stored without its key."""
+    return replace(entry, api_key="")
+
+
+def migrate(path: Path) -> list[str]:
+    """Rewrite the file with every key as its hash; the client_ids that had a key in clear."""
+    entries = load(path)
+    plain = [entry.client_id for entry in entries if entry.api_key]
+    if plain:
+        save(path, [hashed(entry) for entry in entries])
+    return plain
+
+
+def create_default(path: Path, hash_only: bool = False) -> ClientEntry:
+    """A new file with one client `local` and a random key (with `hash_only`, only its hash is
+    written: the caller keeps the key, in the credentials file)."""
     entry = ClientEntry(
         LOCAL_CLIENT_ID, new_api_key(), DEFAULT_MAX_SESSIONS, "normal", "this machine"
     )
-    save(path, [entry])
+    save(path, [hashed(entry) if hash_only else entry])
     return entry
 
 
-def add_client(path: Path, client_id: str, **fields: Any) -> ClientEntry:
-    """Add (or replace the key of) one client; creates the file when missing."""
+def add_client(path: Path, client_id: str, hash_only: bool = False, **fields: Any) -> ClientEntry:
+    """Add (or replace the key of) one client; creates the file when missing. The entry
+    returned has the key; with `hash_only` the file gets only its hash."""
     entries = load(path) if path.exists() else []
     old = next((e for e in entries if e.client_id == client_id), None)
     entry = ClientEntry(
@@ -119,7 +204,8 @@ def add_client(path: Path, client_id: str, **fields: Any) -> ClientEntry:
         fields.get("max_sessions", old.max_sessions if old else DEFAULT_MAX_SESSIONS),
         fields.get("priority", old.priority if old else "normal"),
         fields.get("description", old.description if old else ""),
+        fields.get("role", old.role if old else "user"),
     )
-    entries = [e for e in entries if e.client_id != client_id] + [entry]
-    save(path, entries)
+    entries = [e for e in entries if e.client_id != client_id]
+    save(path, [*entries, hashed(entry) if hash_only else entry])
     return entry

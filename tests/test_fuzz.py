@@ -98,9 +98,9 @@ REAL_MODEL = "<the served model>"
 HARNESS = "harness-"  # prefix of the ids the harness uses itself; never generated
 
 KEYS = {
-    "alice": "alice-key-0123456789",
-    "bob": "bob-key-0123456789",
-    "carol": "carol-key-0123456789",
+    "alice": "alice-key-0123456789-abcdefghijklmnop",
+    "bob": "bob-key-0123456789-abcdefghijklmnopqr",
+    "carol": "carol-key-0123456789-abcdefghijklmnop",
 }
 
 # FUZZ_EXAMPLES=100 for a quick run while working on the fuzzer itself.

@@ -54,6 +54,7 @@ def test_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
 def test_bad_clients_file_is_refused(tmp_path: Path) -> None:
     clients = tmp_path / "clients.json"
     clients.write_text('{"clients": [{"client_id": "x"}]}')
+    clients.chmod(0o600)
     result = run_serve("--clients", str(clients))
     assert result.returncode != 0 and "api_key" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -74,7 +75,8 @@ def test_busy_port_fails_with_a_clear_line(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         clients = tmp_path / "c.json"
-        clients.write_text(json.dumps({"clients": [{"client_id": "a", "api_key": "a" * 16}]}))
+        clients.write_text(json.dumps({"clients": [{"client_id": "a", "api_key": "a" * 32}]}))
+        clients.chmod(0o600)
         result = run_serve(
             "--port", str(port), "--metrics-port", str(free_port()), "--clients", str(clients)
         )

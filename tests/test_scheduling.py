@@ -34,10 +34,14 @@ def roomy_client(daemon: Daemon) -> RawClient:
     clients = daemon.clients_path
     data = json.loads(clients.read_text())
     data["clients"].append(
-        {"client_id": "many", "api_key": "many-key-0123456789", "max_sessions": 256}
+        {
+            "client_id": "many",
+            "api_key": "many-key-0123456789-abcdefghijklmnopq",
+            "max_sessions": 256,
+        }
     )
     clients.write_text(json.dumps(data))
-    return client_for(daemon, "many", "many-key-0123456789")
+    return client_for(daemon, "many", "many-key-0123456789-abcdefghijklmnopq")
 
 
 def test_high_priority_gets_the_free_slot_first(tmp_path: Path) -> None:
