@@ -1,10 +1,15 @@
-"""The auth actor: checks credentials against the clients file's key hashes in constant time."""
+"""The auth actor: checks credentials against the clients file's key hashes in constant time,
+slows down whoever keeps failing, and logs failures as one line per window."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -15,6 +20,21 @@ from .config import Config
 from .logs import EventLog
 
 log = EventLog("auth")
+
+# Backoff: the first FREE_FAILURES failures of a client_id (or of an address) cost nothing; then
+# its attempts are checked one at a time, spaced by a delay that doubles from BASE_DELAY_S up to
+# MAX_DELAY_S (at most 1 / MAX_DELAY_S = 20 keys a second: 10,000 take 500 s). An attempt whose
+# turn is more than MAX_WAIT_S away is refused at once, unchecked, with `retry_after_s`.
+FREE_FAILURES = 5
+BASE_DELAY_S = 0.005
+MAX_DELAY_S = 0.05
+MAX_WAIT_S = 5.0
+FORGET_S = 600.0  # a key's failures are forgotten after this long without an attempt
+MAX_TRACKED = 10_000  # keys followed at once (the least recently used one goes first)
+# Failures are logged as one line for the first, then one summary per window while they go on.
+SUMMARY_WINDOW_S = 60.0
+SUMMARY_TOP = 5  # client_ids and addresses named in a summary (by count)
+SUMMARY_KINDS = 1000  # distinct client_ids or addresses counted in one window; beyond: "others"
 
 
 def _digest(text: str) -> bytes:
@@ -82,37 +102,217 @@ class ClientRegistry:
         return found[0] if len(found) == 1 else None
 
 
+@dataclass
+class _Track:
+    failures: int = 0
+    pending: int = 0  # attempts waiting for their turn or being checked
+    next_at: float = 0.0  # when the next attempt may be checked
+    seen: float = 0.0
+
+
+class Backoff:
+    """When each auth attempt may be checked, per key (a client_id, an address): attempts of a
+    key that keeps failing wait their turn, so guesses are spaced whatever the number of
+    connections. Waiting attempts count as failures in advance, so a burst cannot slip through
+    before the first failures are known. No I/O: the caller passes the time."""
+
+    def __init__(
+        self,
+        free: int = FREE_FAILURES,
+        base_s: float = BASE_DELAY_S,
+        cap_s: float = MAX_DELAY_S,
+        max_wait_s: float = MAX_WAIT_S,
+        forget_s: float = FORGET_S,
+        max_tracked: int = MAX_TRACKED,
+    ) -> None:
+        self.free, self.base_s, self.cap_s = free, base_s, cap_s
+        self.max_wait_s, self.forget_s, self.max_tracked = max_wait_s, forget_s, max_tracked
+        self.tracks: dict[str, _Track] = {}  # least recently seen first
+
+    def delay(self, failures: int) -> float:
+        if failures < self.free:
+            return 0.0
+        return min(self.cap_s, self.base_s * 2.0 ** min(failures - self.free, 64))
+
+    def reserve(self, keys: list[str], now: float) -> tuple[bool, float]:
+        """(True, when this attempt may be checked: now or its turn later), or (False, seconds
+        after which to retry): refused unchecked, its turn is too far away."""
+        self._forget(now)
+        tracks = [self._track(key, now) for key in keys]
+        at = max([now, *(track.next_at for track in tracks)])
+        if at - now > self.max_wait_s:
+            return False, at - now - self.max_wait_s
+        for track in tracks:
+            track.pending += 1
+            track.next_at = at + self.delay(track.failures + track.pending - 1)
+        return True, at
+
+    def done(self, keys: list[str], ok: bool, now: float) -> None:
+        """The attempt reserved for `keys` was checked (or abandoned: `ok` then says nothing
+        about the key, pass False only for a wrong key)."""
+        for key in keys:
+            track = self.tracks.get(key)
+            if track is None:
+                continue
+            track.pending = max(0, track.pending - 1)
+            track.seen = now
+            if ok:
+                track.failures = 0
+                if track.pending == 0:
+                    del self.tracks[key]
+            else:
+                track.failures += 1
+
+    def _track(self, key: str, now: float) -> _Track:
+        track = self.tracks.pop(key, None) or _Track()
+        track.seen = now
+        self.tracks[key] = track  # to the end: most recently seen
+        if len(self.tracks) > self.max_tracked:
+            del self.tracks[next(iter(self.tracks))]
+        return track
+
+    def _forget(self, now: float) -> None:
+        while self.tracks:
+            key, track = next(iter(self.tracks.items()))
+            if track.pending or now - track.seen < self.forget_s:
+                return
+            del self.tracks[key]
+
+
+class FailureLog:
+    """Auth failures as log lines: the first after a quiet window at once, then one summary per
+    window while they go on (counts, the most frequent client_ids and addresses), so a flood of
+    wrong keys writes a line a minute, not a line a guess. No I/O: `write` takes the lines."""
+
+    def __init__(
+        self, write: Callable[[str, dict[str, Any]], None], window_s: float = SUMMARY_WINDOW_S
+    ) -> None:
+        self.write = write
+        self.window_s = window_s
+        self.window_end: float | None = None  # None: quiet, the next failure is logged at once
+        self.count = 0
+        self.refused = 0
+        self.clients: Counter[str] = Counter()
+        self.addresses: Counter[str] = Counter()
+
+    def failed(self, now: float, client_id: str, address: str, refused: bool, reason: str) -> None:
+        self.flush(now)
+        if self.window_end is None:
+            self.window_end = now + self.window_s
+            fields = {"client_id": client_id, "address": address, "reason": reason}
+            self.write("auth failed", {k: v for k, v in fields.items() if v})
+            return
+        self.count += 1
+        self.refused += refused
+        for counter, name in ((self.clients, client_id), (self.addresses, address)):
+            if name:
+                known = name in counter or len(counter) < SUMMARY_KINDS
+                counter[name if known else "others"] += 1
+
+    def flush(self, now: float) -> None:
+        """End the window if its time is up: its summary, if it saw failures."""
+        if self.window_end is None or now < self.window_end:
+            return
+        if not self.count:
+            self.window_end = None
+            return
+        fields: dict[str, Any] = {
+            "failures": self.count,
+            "refused_unchecked": self.refused,
+            "window_s": self.window_s,
+            "client_ids": _top(self.clients),
+        }
+        if self.addresses:
+            fields["addresses"] = _top(self.addresses)
+        self.write("auth failures", fields)
+        self.window_end = now + self.window_s
+        self.count = self.refused = 0
+        self.clients.clear()
+        self.addresses.clear()
+
+
+def _top(counter: Counter[str]) -> str:
+    named = [f"{name}:{count}" for name, count in counter.most_common(SUMMARY_TOP)]
+    rest = len(counter) - SUMMARY_TOP
+    return ",".join(named) + (f",+{rest} more" if rest > 0 else "")
+
+
 class AuthActor:
     def __init__(self, config: Config, monitor: ActorLink | None = None) -> None:
         self.registry = ClientRegistry(Path(config.clients))
         self.monitor = monitor
+        self.backoff = Backoff()
+        self.failures = FailureLog(lambda event, fields: log.warning(event, **fields))
         self.handlers = {
             "authenticate": self.authenticate,
             "authenticate_key": self.authenticate_key,
         }
 
-    def authenticate(self, body: Body, caller: Caller) -> None:
-        self.registry.reload_if_changed()
-        client_id = str(body.get("client_id", ""))
-        entry = self.registry.authenticate(client_id, str(body.get("api_key", "")))
+    async def authenticate(self, body: Body, caller: Caller) -> None:
+        client_id = str(body.get("client_id", ""))[:256]
+        api_key = str(body.get("api_key", ""))
+        await self.check(
+            body,
+            caller,
+            [f"id:{client_id}"],
+            lambda: self.registry.authenticate(client_id, api_key),
+            client_id,
+            "unknown client_id or wrong api_key",
+        )
+
+    async def authenticate_key(self, body: Body, caller: Caller) -> None:
+        api_key = str(body.get("api_key", ""))
+        await self.check(
+            body, caller, [], lambda: self.registry.authenticate_key(api_key), "", "unknown api_key"
+        )
+
+    async def check(
+        self,
+        body: Body,
+        caller: Caller,
+        keys: list[str],
+        find: Callable[[], ClientEntry | None],
+        client_id: str,
+        reason: str,
+    ) -> None:
+        """Wait for the attempt's turn (backoff by client_id and by the peer's address, when the
+        caller gives it), then check it; a turn too far away is refused without a check."""
+        address = str(body.get("address") or "")[:64]
+        if address:
+            keys = [*keys, f"addr:{address}"]
+        turn, at = self.backoff.reserve(keys, trio.current_time())
+        if not turn:
+            retry = round(at + 0.01, 2)
+            self.failed(client_id, address, True, f"too many failures: retry in {retry} s")
+            caller.reply(
+                ok=False,
+                reason=f"too many failed attempts: retry in {retry} s",
+                retry_after_s=retry,
+            )
+            return
+        entry = None
+        try:
+            await trio.sleep_until(at)
+            self.registry.reload_if_changed()
+            entry = find()
+        finally:
+            self.backoff.done(keys, entry is not None, trio.current_time())
         if entry is None:
-            log.warning("auth failed", client_id=client_id[:64])
-            if self.monitor is not None:
-                self.monitor.push("auth_failed")
-            caller.reply(ok=False, reason="unknown client_id or wrong api_key")
+            self.failed(client_id, address, False, reason)
+            caller.reply(ok=False, reason=reason)
             return
         self.succeeded(entry, caller)
 
-    def authenticate_key(self, body: Body, caller: Caller) -> None:
-        self.registry.reload_if_changed()
-        entry = self.registry.authenticate_key(str(body.get("api_key", "")))
-        if entry is None:
-            log.warning("auth failed", by="api_key")
-            if self.monitor is not None:
-                self.monitor.push("auth_failed")
-            caller.reply(ok=False, reason="unknown api_key")
-            return
-        self.succeeded(entry, caller)
+    def failed(self, client_id: str, address: str, refused: bool, reason: str) -> None:
+        self.failures.failed(trio.current_time(), client_id[:64], address, refused, reason)
+        if self.monitor is not None:
+            self.monitor.push("auth_failed", refused=refused)
+
+    async def summarize(self) -> None:
+        """Write a window's summary when it ends, even once the failures stopped."""
+        while True:
+            await trio.sleep(1.0)
+            self.failures.flush(trio.current_time())
 
     def succeeded(self, entry: ClientEntry, caller: Caller) -> None:
         caller.reply(
@@ -132,6 +332,7 @@ async def main(config: Config, stop: trio.Event) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)
         nursery.start_soon(monitor.run)
+        nursery.start_soon(actor.summarize)
         report_to_supervisor(config, {"op": "ready", "actor": internal.AUTH})
         await stop.wait()
         nursery.cancel_scope.cancel()

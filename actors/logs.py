@@ -1,4 +1,6 @@
-"""One log line per event, as key=value text or JSON; never an api key."""
+"""One log line per event, as key=value text or JSON; never an api key, and never a control
+character from a client (an ANSI escape in a client_id must not repaint the operator's
+terminal, a newline must not forge a line)."""
 
 from __future__ import annotations
 
@@ -35,10 +37,19 @@ class EventFormatter(logging.Formatter):
 
 
 def _text(value: Any) -> str:
+    """A value as is when it is printable and has no space, quote, `=` or backslash; else quoted,
+    with every character that is not printable (C0 and C1 controls, DEL, bidi overrides, line
+    separators) escaped as JSON escapes it, so `json.loads` reads the value back."""
     text = str(value)
-    if not text or any(c in text for c in ' "=\n\t'):
-        return json.dumps(text)
-    return text
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return '"' + "".join(_escaped(c) for c in text) + '"'
+
+
+def _escaped(char: str) -> str:
+    if char == " " or (char.isprintable() and char not in '"\\'):
+        return char
+    return json.dumps(char)[1:-1]  # \" \\ \n \u001b \u009b \u202e, surrogate pairs beyond
 
 
 class EventLog:

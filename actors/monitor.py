@@ -154,6 +154,8 @@ class MonitorActor:
         self.prometheus = PrometheusExporter()
         self.latest: Body | None = None  # the last metrics published
         self.alerts: dict[str, Alert] = {}
+        self.auth_failures = 0  # failed auth attempts, with those refused unchecked (backoff)
+        self.auth_refused = 0
         self.handlers = {
             "inference": self.update_inference,
             "event": self.on_event,
@@ -184,6 +186,8 @@ class MonitorActor:
             self.prometheus.observe_request(body)
 
     def on_auth_failed(self, body: Body, caller: Caller) -> None:
+        self.auth_failures += 1
+        self.auth_refused += bool(body.get("refused"))
         if self.prometheus is not None:
             self.prometheus.auth_failures.inc()
 
@@ -253,7 +257,11 @@ class MonitorActor:
                 "gpu": gpus[0] if gpus else None,
                 "gpus": gpus,
                 "host": host_metrics(),
-                "daemon": {"rss_mb": daemon_rss_mb()},
+                "daemon": {
+                    "rss_mb": daemon_rss_mb(),
+                    "auth_failures": self.auth_failures,
+                    "auth_refused": self.auth_refused,
+                },
                 "inference": inference,
             }
             self.publish(METRICS_TOPIC, body)

@@ -7,11 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
+import zmq
 
+from inferencecenter.actors.auth import FREE_FAILURES, MAX_DELAY_S, Backoff
 from inferencecenter.daemon.testing import (
     TEST_CLIENTS,
     Daemon,
@@ -19,7 +24,9 @@ from inferencecenter.daemon.testing import (
     start_daemon,
     stop_daemon,
 )
-from inferencecenter.protocol import clientsfile
+from inferencecenter.protocol import clientsfile, wire
+
+WRONG = "unknown client_id or wrong api_key"
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +88,163 @@ def test_a_clients_file_readable_by_others_is_refused_at_start(tmp_path: Path) -
     clients.chmod(0o644)
     line = serve_refuses("--clients", str(clients))
     assert "mode 644" in line and "chmod 600" in line
+
+
+# ---- text logs and bodies ---------------------------------------------------------------------
+
+
+def test_an_ansi_escape_in_a_client_id_cannot_repaint_the_terminal(daemon: Daemon) -> None:
+    """The first auth failure of this daemon is logged at once, with its client_id escaped (the
+    tests below fail auth many times: their failures go into one summary line)."""
+    evil = "\x1b[2J\x1b[31mroot\u009b0m\nlevel=info event=forged\u202e"
+    client = RawClient(daemon.endpoint)
+    try:
+        reply = client.request({"op": "auth", "client_id": evil, "api_key": "k" * 40})
+        assert reply["op"] == "auth_failed"
+    finally:
+        client.close()
+    log = daemon.log()
+    assert not any(c in log for c in "\x1b\x9b\u202e")
+    assert not any(line.startswith("level=info event=forged") for line in log.splitlines())
+    (line,) = [line for line in log.splitlines() if "u001b[2J" in line]
+    assert 'client_id="\\u001b[2J\\u001b[31mroot\\u009b0m\\nlevel=info event=forged\\u202e"' in line
+
+
+def test_a_body_of_a_million_maps_does_not_stall_others(daemon: Daemon) -> None:
+    """20 connections each send a 1 MiB body of nested empty maps (unlimited: ~0.4 s to decode
+    each, and another client's ping took 2.1 s); each is now dropped after 8,192 maps and
+    arrays, and a ping sent behind them is answered within 1 s (250 ms here)."""
+    bomb = msgpack.packb({"op": "ping", "x": [[{}] * 8000] * 120})
+    assert 900_000 < len(bomb) <= 1 << 20
+    client = RawClient(daemon.endpoint)
+    attackers = [RawClient(daemon.endpoint) for _ in range(20)]
+    try:
+        assert client.request({"op": "ping"})["op"] == "pong"  # connected
+        for attacker in attackers:
+            attacker.send_frames([wire.TAG, bomb])
+        start = time.monotonic()
+        assert client.request({"op": "ping"})["op"] == "pong"
+        took = time.monotonic() - start
+        for attacker in attackers:
+            reply = attacker.recv()
+            assert reply["code"] == "bad_request" and "8192 maps and arrays" in reply["message"]
+    finally:
+        for conn in (client, *attackers):
+            conn.close()
+    print(f"a ping behind 20 one-MiB bodies of maps: {took * 1000:.0f} ms")
+    assert took < 1.0
+
+
+# ---- auth failures -----------------------------------------------------------------------------
+
+
+def auth_lines(daemon: Daemon) -> list[str]:
+    return [line for line in daemon.log().splitlines() if 'event="auth fail' in line]
+
+
+def most_checks(seconds: float) -> int:
+    """How many keys of one client_id the backoff lets be checked within `seconds`."""
+    backoff, spent, checks = Backoff(), 0.0, 0
+    while spent <= seconds:
+        spent += backoff.delay(checks)
+        checks += 1
+    return checks
+
+
+def daemon_metrics(daemon: Daemon, at_least: int) -> dict[str, Any]:
+    """The `daemon` map of the first metrics message counting `at_least` auth failures."""
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"metrics")
+    sub.connect(daemon.metrics_endpoint)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert sub.poll(5000), "no metrics within 5 s"
+            figures: dict[str, Any] = wire.unpack(sub.recv_multipart()[1])["daemon"]
+            if figures["auth_failures"] >= at_least:
+                return figures
+        raise AssertionError(f"auth failures not counted: {figures}")
+    finally:
+        sub.close()
+
+
+def test_wrong_keys_in_a_row_are_spaced_and_logged_once(daemon: Daemon) -> None:
+    """One connection guessing carol's key as fast as the replies come: 60 guesses take at
+    least the backoff's delays (20 a second at most: 10,000 would take 500 s), the log gets one
+    line, the metrics count every failure; then carol herself gets in at once."""
+    tries = 60
+    lines_before = len(auth_lines(daemon))
+    backoff = Backoff()
+    least = sum(backoff.delay(n) for n in range(tries - 1))  # between the first and the last
+    client = RawClient(daemon.endpoint)
+    try:
+        start = time.monotonic()
+        for n in range(tries):
+            reply = client.request({"op": "auth", "client_id": "carol", "api_key": f"guess-{n}"})
+            assert reply["op"] == "auth_failed" and reply["reason"] == WRONG, reply
+        elapsed = time.monotonic() - start
+    finally:
+        client.close()
+    rate = tries / elapsed
+    print(f"{tries} wrong keys in a row: {elapsed:.2f} s (at least {least:.2f}), {rate:.1f}/s")
+    assert elapsed >= least and least >= (tries - FREE_FAILURES - 5) * MAX_DELAY_S
+    assert len(auth_lines(daemon)) - lines_before <= 1
+    assert daemon_metrics(daemon, tries)["auth_failures"] >= tries
+    owner = RawClient(daemon.endpoint)
+    try:
+        start = time.monotonic()
+        owner.auth("carol", daemon.extra["carol_key"])
+        assert time.monotonic() - start < 0.5
+    finally:
+        owner.close()
+    assert "guess-" not in daemon.log()
+
+
+def test_guesses_from_eight_connections_are_spaced_not_multiplied(daemon: Daemon) -> None:
+    """Eight connections guessing bob's key at once for 3 s (before the backoff: 2,700 guesses a
+    second): the keys checked stay at one connection's rate, 20 a second. (Beyond 100 attempts
+    waiting at once, the rest are refused unchecked: tests/test_security_unit.py.)"""
+    seconds = 3.0
+    conns = [RawClient(daemon.endpoint) for _ in range(8)]
+    poller = zmq.Poller()
+    for conn in conns:
+        poller.register(conn.sock, zmq.POLLIN)
+    counts = {"checked": 0, "refused": 0}
+    sent = 0
+
+    def guess(conn: RawClient) -> None:
+        nonlocal sent
+        sent += 1
+        conn.send({"op": "auth", "id": sent, "client_id": "bob", "api_key": f"guess-{sent}"})
+
+    try:
+        start = time.monotonic()
+        for conn in conns:
+            guess(conn)
+        end = start + seconds
+        waiting = len(conns)
+        while waiting:
+            ready = dict(poller.poll(10_000))
+            assert ready, "no reply within 10 s"
+            for conn in conns:
+                if conn.sock in ready:
+                    reply = conn.recv()
+                    assert reply["op"] == "auth_failed", reply
+                    if reply["reason"] == WRONG:
+                        counts["checked"] += 1
+                    else:
+                        assert reply["reason"].startswith("too many failed attempts: retry in")
+                        counts["refused"] += 1
+                    if time.monotonic() < end:
+                        guess(conn)
+                    else:
+                        waiting -= 1
+        elapsed = time.monotonic() - start
+    finally:
+        for conn in conns:
+            conn.close()
+    rate = counts["checked"] / elapsed
+    print(f"8 connections, {elapsed:.2f} s: {counts}, {rate:.1f} keys checked a second")
+    assert counts["checked"] <= most_checks(elapsed)
+    assert counts["checked"] + counts["refused"] == sent

@@ -7,14 +7,30 @@ import argparse
 import json
 import logging
 import stat
+import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from inferencecenter.actors.auth import ClientRegistry
+from inferencecenter.actors.auth import (
+    BASE_DELAY_S,
+    FORGET_S,
+    FREE_FAILURES,
+    MAX_DELAY_S,
+    MAX_WAIT_S,
+    SUMMARY_KINDS,
+    SUMMARY_TOP,
+    SUMMARY_WINDOW_S,
+    Backoff,
+    ClientRegistry,
+    FailureLog,
+)
+from inferencecenter.actors.logs import EventFormatter
 from inferencecenter.clients.keys import add_keys_command
-from inferencecenter.protocol import clientsfile, credentialsfile
+from inferencecenter.protocol import clientsfile, credentialsfile, wire
 from inferencecenter.protocol.clientsfile import ClientEntry, ClientsFileError
+from inferencecenter.protocol.errors import BadRequest, TooLarge
 
 KEY = "k" * 40
 OTHER = "o" * 40
@@ -179,3 +195,173 @@ def test_keys_migrate_refuses_a_bad_file_with_one_line(
     assert run_keys("migrate", "--clients", str(clients)) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "chmod 600" in err
+
+
+# ---- auth failures: backoff and the failure log ------------------------------------------------
+
+
+def attack(backoff: Backoff, log: FailureLog, tries: int, now: float = 0.0) -> float:
+    """A client sending wrong keys one after another, each as soon as the last is answered:
+    the time its `tries` guesses take."""
+    for _ in range(tries):
+        turn, at = backoff.reserve(["id:alice"], now)
+        assert turn
+        now = at
+        backoff.done(["id:alice"], False, now)
+        log.failed(now, "alice", "", False, "wrong key")
+        log.flush(now)
+    return now
+
+
+def test_ten_thousand_wrong_keys_take_over_100_s_and_write_under_20_lines() -> None:
+    lines: list[tuple[str, dict[str, object]]] = []
+    log = FailureLog(lambda event, fields: lines.append((event, fields)))
+    elapsed = attack(Backoff(), log, 10_000)
+    log.flush(elapsed + SUMMARY_WINDOW_S)  # the last window's summary
+    assert elapsed >= 100
+    assert elapsed == pytest.approx((10_000 - 9) * MAX_DELAY_S, rel=0.01)  # 20 guesses a second
+    assert len(lines) <= 20
+    assert lines[0] == ("auth failed", {"client_id": "alice", "reason": "wrong key"})
+    assert sum(int(f["failures"]) for _, f in lines[1:]) == 10_000 - 1  # type: ignore[call-overload]
+    assert all(f["client_ids"] == f"alice:{f['failures']}" for _, f in lines[1:])
+
+
+def test_the_first_failures_are_free_then_the_delay_doubles_to_its_cap() -> None:
+    backoff = Backoff()
+    assert [backoff.delay(n) for n in range(FREE_FAILURES)] == [0.0] * FREE_FAILURES
+    assert [backoff.delay(FREE_FAILURES + n) for n in range(6)] == [
+        BASE_DELAY_S,
+        2 * BASE_DELAY_S,
+        4 * BASE_DELAY_S,
+        8 * BASE_DELAY_S,
+        MAX_DELAY_S,
+        MAX_DELAY_S,
+    ]
+
+
+def test_a_burst_from_many_connections_is_spaced_and_the_rest_refused_unchecked() -> None:
+    backoff = Backoff()
+    turns = [backoff.reserve(["id:alice"], 0.0) for _ in range(1000)]
+    checked = [at for turn, at in turns if turn]
+    refused = [after for turn, after in turns if not turn]
+    # Waiting attempts count as failures in advance: the burst is spaced like failures are.
+    assert checked[: FREE_FAILURES + 1] == [0.0] * (FREE_FAILURES + 1)
+    assert max(checked) <= MAX_WAIT_S
+    assert len(checked) <= FREE_FAILURES + MAX_WAIT_S / MAX_DELAY_S + 5
+    assert len(refused) == 1000 - len(checked) and min(refused) > 0
+
+
+def test_the_owner_gets_in_after_an_attack_and_resets_the_count() -> None:
+    backoff = Backoff()
+    log = FailureLog(lambda event, fields: None)
+    now = attack(backoff, log, 50)
+    turn, at = backoff.reserve(["id:alice"], now)
+    assert turn and at - now <= MAX_DELAY_S
+    backoff.done(["id:alice"], True, at)
+    assert "id:alice" not in backoff.tracks  # a success forgets the failures
+    assert backoff.reserve(["id:alice"], at) == (True, at)
+
+
+def test_an_address_is_slowed_whatever_client_ids_it_tries() -> None:
+    backoff = Backoff()
+    now = 0.0
+    for n in range(40):
+        keys = [f"id:user{n}", "addr:10.0.0.9"]
+        turn, now = backoff.reserve(keys, now)
+        assert turn
+        backoff.done(keys, False, now)
+    assert now >= (40 - 9) * MAX_DELAY_S
+    assert backoff.reserve(["id:user0", "addr:10.0.0.8"], now) == (True, now)
+
+
+def test_failures_are_forgotten_and_the_table_stays_bounded() -> None:
+    backoff = Backoff(max_tracked=100)
+    for n in range(1000):
+        backoff.reserve([f"id:x{n}"], 0.0)
+        backoff.done([f"id:x{n}"], False, 0.0)
+    assert len(backoff.tracks) == 100
+    attack(backoff, FailureLog(lambda event, fields: None), 20, 1.0)
+    assert backoff.tracks["id:alice"].failures == 20
+    backoff.reserve(["id:bob"], 1.0 + FORGET_S + 1)
+    assert "id:alice" not in backoff.tracks and len(backoff.tracks) == 1
+
+
+def test_the_failure_log_writes_the_first_at_once_then_one_summary_per_window() -> None:
+    lines: list[tuple[str, dict[str, object]]] = []
+    log = FailureLog(lambda event, fields: lines.append((event, fields)), window_s=60)
+    log.failed(0.0, "eve", "10.0.0.9", False, "wrong key")
+    assert lines == [
+        ("auth failed", {"client_id": "eve", "address": "10.0.0.9", "reason": "wrong key"})
+    ]
+    for n in range(2000):
+        log.failed(1.0 + n * 0.01, f"id{n % 1500}", "10.0.0.9", n % 2 == 0, "wrong key")
+    log.flush(59.0)
+    assert len(lines) == 1
+    log.flush(60.0)
+    event, fields = lines[1]
+    assert event == "auth failures" and fields["failures"] == 2000
+    assert fields["refused_unchecked"] == 1000 and fields["addresses"] == "10.0.0.9:2000"
+    assert str(fields["client_ids"]).endswith(f",+{SUMMARY_KINDS + 1 - SUMMARY_TOP} more")
+    log.flush(200.0)  # a window without failures: quiet again
+    log.failed(201.0, "eve", "", False, "wrong key")
+    assert len(lines) == 3 and lines[2][0] == "auth failed"
+
+
+# ---- text logs and bodies ----------------------------------------------------------------------
+
+
+def format_line(**fields: object) -> str:
+    record = logging.LogRecord("auth", logging.WARNING, __file__, 1, "auth failed", None, None)
+    record.fields = fields
+    return EventFormatter("text").format(record)
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "\x1b[2J\x1b[31mroot",  # ANSI: clear the screen, red
+        "x\x9b2J",  # the 8-bit CSI
+        "a\x7fb\x08c",  # DEL, backspace
+        "ok\nlevel=info event=forged",  # a forged line
+        "ok\rforged",
+        "file\u202etxt.exe",  # right-to-left override
+        "a\u2028b\u0085c",  # line and next-line separators
+        "\U000e0001tag",  # a non-printable beyond the BMP
+    ],
+)
+def test_text_logs_escape_every_control_character(evil: str) -> None:
+    line = format_line(client_id=evil, n=1)
+    assert line.isprintable() and "\\" in line
+    value = line.split("client_id=", 1)[1].rsplit(" n=1", 1)[0]
+    assert json.loads(value) == evil  # escaped, not lost
+
+
+def test_plain_values_stay_bare_and_others_are_quoted() -> None:
+    line = format_line(a="alice", b="two words", c='q"uote', d="back\\slash", e="é", f="")
+    assert line.endswith('a=alice b="two words" c="q\\"uote" d="back\\\\slash" e=é f=""')
+
+
+def test_a_body_of_many_maps_is_refused_early_and_cheaply() -> None:
+    bomb = msgpack.packb({"op": "ping", "x": [[{}] * 8000] * 120})
+    start = time.perf_counter()
+    with pytest.raises(BadRequest, match="more than 8192 maps and arrays"):
+        wire.unpack(bomb, 1 << 20)
+    assert time.perf_counter() - start < 0.1  # unlimited, it takes ~0.4 s
+    with pytest.raises(BadRequest, match="exceeds max_array_len"):
+        wire.unpack(msgpack.packb({"op": "x", "a": [0] * 10_000}), 1 << 20)
+    with pytest.raises(BadRequest, match="exceeds max_map_len"):
+        wire.unpack(msgpack.packb({"op": "x", "m": {str(n): n for n in range(300)}}), 1 << 20)
+    with pytest.raises(BadRequest, match="not valid msgpack"):
+        wire.unpack(msgpack.packb({"op": "x", "t": msgpack.ExtType(1, b"x")}), 1 << 20)
+    chat = [{"role": "user", "content": "hi"}] * 1000
+    assert len(wire.unpack(msgpack.packb({"op": "infer", "messages": chat}))["messages"]) == 1000
+
+
+def test_before_auth_a_body_is_one_small_flat_map() -> None:
+    auth = {"op": "auth", "id": 1, "client_id": "c" * 256, "api_key": "k" * 1024}
+    frames = wire.client_frames(auth)
+    assert wire.parse_client_frames(frames, 1 << 20, wire.BEFORE_AUTH) == auth
+    with pytest.raises(TooLarge, match="limit is 4096"):
+        wire.unpack(wire.pack({"op": "ping", "pad": "x" * 5000}), 1 << 20, wire.BEFORE_AUTH)
+    with pytest.raises(BadRequest, match="more than 4 maps and arrays"):
+        wire.unpack(wire.pack({"op": "ping", "x": [[], [], [], []]}), 1 << 20, wire.BEFORE_AUTH)
