@@ -26,6 +26,10 @@ METRICS_TOPIC = b"metrics"
 SESSION_TOPIC = b"event.session"
 ALERT_TOPIC = b"event.alert"
 PERIOD_S = 1.0
+# The largest message a subscriber may send: a subscription is a topic of a few bytes (and a
+# CURVE handshake a few hundred); a bigger one drops the peer before anything is kept (without
+# the limit a 4 MB subscription stays in the socket's memory as long as its peer does).
+SUB_MAX_MESSAGE_BYTES = 1024
 # An alert that cleared is raised again only after this long (hysteresis against flapping).
 ALERT_REPEAT_S = 60.0
 TEMP_HYSTERESIS_C = 5.0
@@ -175,8 +179,9 @@ class MonitorActor:
         """Engine events: sessions' lives and an overloaded queue."""
         kind = str(body.get("kind"))
         if body.get("topic") == "session":
+            # No client_id: anyone who can reach the port may subscribe, and it is clear text.
             event = {"kind": kind, "timestamp": time.time()}
-            event.update({k: body.get(k) for k in ("session_id", "client_id", "model")})
+            event.update({k: body.get(k) for k in ("session_id", "model")})
             self.publish(SESSION_TOPIC, event)
         elif kind == "overloaded":
             self.alert("overloaded", True, False, "the queue is full: infers get `overloaded`")
@@ -277,6 +282,7 @@ async def main(config: Config, stop: trio.Event) -> None:
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never slows us
+    sock.setsockopt(zmq.MAXMSGSIZE, SUB_MAX_MESSAGE_BYTES)
     sock.bind(f"tcp://{config.bind}:{config.metrics_port}")
     pub = TrioSocket(sock)
     actor = MonitorActor(config, pub)

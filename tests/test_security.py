@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -21,6 +23,8 @@ from inferencecenter.daemon.testing import (
     TEST_CLIENTS,
     Daemon,
     RawClient,
+    actor_process,
+    new_session,
     start_daemon,
     stop_daemon,
 )
@@ -248,3 +252,72 @@ def test_guesses_from_eight_connections_are_spaced_not_multiplied(daemon: Daemon
     print(f"8 connections, {elapsed:.2f} s: {counts}, {rate:.1f} keys checked a second")
     assert counts["checked"] <= most_checks(elapsed)
     assert counts["checked"] + counts["refused"] == sent
+
+
+# ---- the metrics socket ------------------------------------------------------------------------
+
+
+def subscriber(daemon: Daemon, topic: bytes) -> zmq.Socket[bytes]:
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.connect(daemon.metrics_endpoint)
+    return sub
+
+
+def zmtp_subscriber(endpoint: str, topic: bytes) -> socket.socket:
+    """A SUB speaking ZMTP 3.0 by hand: libzmq's own SUB keeps what it subscribed to, and one of
+    4 MB crashes it when it is torn down."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    conn.sendall(b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32)
+    name, value = b"Socket-Type", b"SUB"
+    ready = b"\x05READY" + bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
+    body = b"\x01" + topic  # a subscription, as ZMTP 3.0 sends it
+    conn.sendall(b"\x04" + bytes([len(ready)]) + ready)
+    conn.sendall(b"\x02" + struct.pack(">Q", len(body)) + body)
+    return conn
+
+
+def test_a_4_mb_subscription_leaves_the_monitor_flat(daemon: Daemon) -> None:
+    """A subscription message of 4 MB (kept without a limit) is more than the metrics socket
+    takes: the peer is dropped, the monitor's memory does not move, other subscribers go on."""
+    monitor = actor_process(daemon, "monitor")
+    before = monitor.memory_info().rss
+    try:
+        conn = zmtp_subscriber(daemon.metrics_endpoint, b"x" * 4_000_000)
+        with conn:
+            while conn.recv(65536):  # the daemon's greeting, then the end
+                pass
+    except ConnectionResetError:
+        pass  # dropped while it was still sending
+    grown = (monitor.memory_info().rss - before) / 2**20
+    print(f"the monitor after a 4 MB subscription: {grown:+.1f} MiB")
+    assert grown < 2
+    other = subscriber(daemon, b"metrics")
+    try:
+        assert other.poll(5000) and other.recv_multipart()[0] == b"metrics"
+    finally:
+        other.close()
+
+
+def test_session_events_name_no_client(daemon: Daemon) -> None:
+    """Anyone who reaches the metrics port reads `event.session` in clear text: no client_id."""
+    sub = subscriber(daemon, b"")
+    client = RawClient(daemon.endpoint)
+    try:
+        while not (sub.poll(5000) and sub.recv_multipart()[0] == b"metrics"):
+            pass  # subscribed once a tick arrives
+        client.auth(daemon.client_id, daemon.api_key)
+        session_id = new_session(client)
+        while True:
+            assert sub.poll(5000), "no event.session"
+            topic, body = sub.recv_multipart()
+            event = wire.unpack(body)
+            if topic == b"event.session" and event["session_id"] == session_id:
+                break
+        assert event["kind"] == "created" and "client_id" not in event
+        assert daemon.client_id.encode() not in body
+    finally:
+        client.close()
+        sub.close()
