@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -365,3 +368,28 @@ def test_before_auth_a_body_is_one_small_flat_map() -> None:
         wire.unpack(wire.pack({"op": "ping", "pad": "x" * 5000}), 1 << 20, wire.BEFORE_AUTH)
     with pytest.raises(BadRequest, match="more than 4 maps and arrays"):
         wire.unpack(wire.pack({"op": "ping", "x": [[], [], [], []]}), 1 << 20, wire.BEFORE_AUTH)
+
+
+# ---- the systemd unit --------------------------------------------------------------------------
+
+UNIT = Path(__file__).parent.parent / "contrib" / "systemd" / "inferencecenter.service"
+
+
+def test_the_systemd_unit_bounds_and_confines_the_daemon(tmp_path: Path) -> None:
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line[:40]
+    )
+    assert int(settings["LimitNOFILE"]) >= 65536
+    assert settings["MemoryMax"].endswith("G") and int(settings["TasksMax"]) >= 256
+    assert settings["SystemCallFilter"] == "@system-service"
+    assert settings["ProtectProc"] == "invisible" and settings["UMask"] == "0077"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = tmp_path / UNIT.name  # verify wants the ExecStart program to exist
+    program = str(Path(sys.executable).with_name("inferencecenter"))
+    unit.write_text(
+        UNIT.read_text().replace("/opt/inferencecenter/.venv/bin/inferencecenter", program)
+    )
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
