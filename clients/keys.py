@@ -1,4 +1,5 @@
-"""`inferencecenter keys migrate`: rewrite a clients file so that it holds hashes, not keys."""
+"""`inferencecenter keys migrate`: rewrite a clients file so that it holds hashes, not keys
+(also `python -m inferencecenter.clients.keys migrate`)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,15 @@ def migrate_command(args: argparse.Namespace) -> int:
     if local is not None:
         print(f"the key of {local.client_id!r} is in {credentials} (mode 0600)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inferencecenter")
+    add_keys_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["keys", *(sys.argv[1:] if argv is None else argv)])
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

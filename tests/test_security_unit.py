@@ -393,3 +393,16 @@ def test_the_systemd_unit_bounds_and_confines_the_daemon(tmp_path: Path) -> None
     )
     result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_keys_migrate_runs_as_a_module(tmp_path: Path) -> None:
+    clients = tmp_path / "c.json"
+    clientsfile.save(clients, [ClientEntry("bob", OTHER)])
+    command = [sys.executable, "-m", "inferencecenter.clients.keys", "migrate"]
+    result = subprocess.run(
+        [*command, "--clients", str(clients), "--credentials", str(tmp_path / "k.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "1 key(s)" in result.stdout, result.stderr
+    assert OTHER not in clients.read_text()
