@@ -82,7 +82,7 @@ def unpack(
             max_bin_len=limits.max_str,
             max_array_len=limits.max_array,
             max_map_len=limits.max_map,
-            max_ext_len=0,
+            max_ext_len=limits.max_str,  # valid msgpack: the fields' checks refuse it
             object_hook=count,
             list_hook=count,
         )
