@@ -149,11 +149,11 @@ class ActorLink:
             log.warning("actor connection lost", actor=self.name, pending=len(self._pending))
             self.fail_all(f"the {self.name} stopped; it is restarting")
 
-    def fail_all(self, message: str) -> None:
-        """Answer everything in flight with an `error` marked `lost`."""
+    def fail_all(self, message: str, **marks: Any) -> None:
+        """Answer everything in flight with an `error` marked `lost` (and `marks`)."""
         for ref, pending in list(self._pending.items()):
             body: Body = {"op": internal.ERROR, "ref": ref, "code": "internal"}
-            body.update(message=message, lost=True)
+            body.update(message=message, lost=True, **marks)
             if pending.on_message is not None:
                 self._pending.pop(ref, None)
                 pending.on_message(body)
@@ -180,13 +180,16 @@ class ActorLink:
             pending.reply.send_nowait(body)
 
     def fan_out(self, body: Body) -> None:
-        """A step's tokens, each to its stream as a TOKEN message."""
-        for ref, seq, content in body.get("rows", ()):
+        """A step's tokens, each to its stream as a TOKEN message (with the row's
+        log-probabilities, its fourth element, when the infer asked for them)."""
+        for row in body.get("rows", ()):
+            ref = row[0]
             pending = self._pending.get(ref)
             if pending is not None and pending.on_message is not None:
-                pending.on_message(
-                    {"op": internal.TOKEN, "ref": ref, "seq": seq, "content": content}
-                )
+                message = {"op": internal.TOKEN, "ref": ref, "seq": row[1], "content": row[2]}
+                if len(row) > 3:
+                    message["logprobs"] = row[3]
+                pending.on_message(message)
 
     def push(self, op: str, **fields: Any) -> None:
         """Fire and forget (no reply expected)."""
@@ -321,8 +324,12 @@ def actor_entry() -> None:
     if len(sys.argv) != 4 or sys.argv[2] != "--config":
         sys.exit("usage: inferencecenter-<actor> --config FILE")
     name = sys.argv[1].removeprefix("inferencecenter-")
-    if name not in internal.ACTORS:
-        sys.exit(f"unknown actor {name!r}")
     config = Config.from_file(sys.argv[3])
-    module = import_module(f"inferencecenter.actors.{name}")
+    if name.startswith(internal.ENGINE + "-") and config.engine_id:
+        # A model's engine (`inferencecenter-engine-NAME` in ps) reports as its engine id.
+        module, name = import_module("inferencecenter.actors.engine"), config.engine_id
+    elif name in internal.ACTORS:
+        module = import_module(f"inferencecenter.actors.{name}")
+    else:
+        sys.exit(f"unknown actor {name!r}")
     sys.exit(ActorProcess(name, config, module.main).run())

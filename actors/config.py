@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +18,13 @@ class ConfigError(Exception):
     """A setting that makes the daemon unable to start; the message is one clear line."""
 
 
+# A model's short name (protocol/messages.py checks the same on the wire).
+MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 @dataclass(frozen=True)
 class Config:
-    model: str
+    model: str  # the default model's file (an engine's: its own model's)
     bind: str = "127.0.0.1"
     port: int = 5555
     metrics_port: int = 5556
@@ -48,17 +53,30 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     runtime_dir: str = ""
+    # Every --model as (name, path), the default first; --models-dir adds the *.gguf found there.
+    models: tuple[tuple[str, str], ...] = ()
+    models_dir: str = ""
+    max_loaded_models: int = 0  # 0: no limit
+    keep_alive: float = 0.0  # an idle model is unloaded after this many seconds; 0: never
+    # Set in an engine's own config: the model it serves, and its engine id (socket, reports).
+    served_name: str = ""
+    engine_id: str = ""
 
     @property
     def model_name(self) -> str:
-        return Path(self.model).stem
+        """The default model's name (an engine's: its own model's)."""
+        if self.served_name:
+            return self.served_name
+        return self.models[0][0] if self.models else Path(self.model).stem
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_file(cls, path: str) -> Config:
-        return cls(**json.loads(Path(path).read_text()))
+        data = json.loads(Path(path).read_text())
+        data["models"] = tuple(tuple(pair) for pair in data.get("models", ()))
+        return cls(**data)
 
 
 def default_model_path() -> str:
@@ -72,15 +90,43 @@ def default_model_path() -> str:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="GGUF model file (default: the gemma 3 270M package's)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=PATH",
+        help="a GGUF model to serve, as NAME=PATH or PATH (named by its file stem); repeatable, "
+        "the first is the default (default: the gemma 3 270M package's)",
+    )
+    parser.add_argument(
+        "--models-dir", help="every *.gguf here is available by its file stem (loaded on demand)"
+    )
+    parser.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=0,
+        help="most models in memory at once; the least recently used idle one makes room (0: no "
+        "limit)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=float,
+        default=0.0,
+        help="seconds an idle model stays loaded (0: until unloaded)",
+    )
     parser.add_argument("--bind", default="127.0.0.1", help="address for the frontend and metrics")
     parser.add_argument("--port", type=int, default=5555, help="frontend (ROUTER) port")
     parser.add_argument("--metrics-port", type=int, default=5556, help="metrics (PUB) port")
     parser.add_argument("--clients", help="clients file (default: the user's config dir)")
-    parser.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
-    parser.add_argument("--ctx-size", type=int, default=2048, help="tokens per session")
+    parser.add_argument(
+        "--parallel", type=int, default=4, help="sequences decoded together (each model's default)"
+    )
+    parser.add_argument(
+        "--ctx-size", type=int, default=2048, help="tokens per session (each model's default)"
+    )
     parser.add_argument("--batch-size", type=int, default=512, help="tokens per decode step")
-    parser.add_argument("--gpu-layers", type=int, default=-1, help="-1 all that fit, 0 CPU, N")
+    parser.add_argument(
+        "--gpu-layers", type=int, default=-1, help="-1 all that fit, 0 CPU, N (each model's)"
+    )
     parser.add_argument(
         "--vram-margin-mb",
         type=int,
@@ -163,6 +209,26 @@ def _check_model(path: str) -> None:
         raise ConfigError(f"model file {path} is not a GGUF file")
 
 
+def _named_models(values: list[str] | None) -> list[tuple[str, str]]:
+    """`--model NAME=PATH` or `--model PATH` (named by the file's stem), each file checked; the
+    gemma package's file when none is given."""
+    models: list[tuple[str, str]] = []
+    for value in values or [default_model_path()]:
+        name, sep, path = value.partition("=")
+        if not sep or not MODEL_NAME.fullmatch(name):
+            name, path = Path(value).stem, value
+            if not MODEL_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"--model {value}: the file's stem is not a model name ([A-Za-z0-9._-], at "
+                    "most 64); give one as NAME=PATH"
+                )
+        if any(name == known for known, _ in models):
+            raise ConfigError(f"--model {value}: the name {name!r} is given twice")
+        _check_model(path)
+        models.append((name, os.path.abspath(path)))
+    return models
+
+
 def _check_port(name: str, value: int) -> None:
     if not 1 <= value <= 65535:
         raise ConfigError(f"{name} must be in 1..65535 (got {value})")
@@ -187,8 +253,18 @@ def _check_tls(args: argparse.Namespace) -> tuple[str, str]:
 
 def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
     """Check every flag; returns the config and whether a new clients file was written."""
-    model = args.model or default_model_path()
-    _check_model(model)
+    models = _named_models(args.model)
+    models_dir = ""
+    if args.models_dir:
+        models_dir = os.path.abspath(args.models_dir)
+        if not Path(models_dir).is_dir():
+            raise ConfigError(f"--models-dir {args.models_dir} is not a directory")
+    if args.max_loaded_models < 0:
+        raise ConfigError(f"--max-loaded-models must be >= 0 (got {args.max_loaded_models})")
+    if args.keep_alive < 0:
+        raise ConfigError(f"--keep-alive must be >= 0 (got {args.keep_alive})")
+    if args.gpu_layers < -1:
+        raise ConfigError(f"--gpu-layers must be -1, 0 or more (got {args.gpu_layers})")
     _check_port("--port", args.port)
     _check_port("--metrics-port", args.metrics_port)
     if args.port == args.metrics_port:
@@ -250,7 +326,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
     except clientsfile.ClientsFileError as exc:
         raise ConfigError(str(exc)) from None
     config = Config(
-        model=os.path.abspath(model),
+        model=models[0][1],
         bind=args.bind,
         port=args.port,
         metrics_port=args.metrics_port,
@@ -278,5 +354,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         alert_temp_c=args.alert_temp_c,
         log_format=args.log_format,
         log_level=args.log_level,
+        models=tuple(models),
+        models_dir=models_dir,
+        max_loaded_models=args.max_loaded_models,
+        keep_alive=args.keep_alive,
     )
     return config, created

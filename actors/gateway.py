@@ -28,6 +28,7 @@ from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorLink, Body, report_to_supervisor
 from .config import Config
 from .logs import EventLog
+from .models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
 
 log = EventLog("gateway")
 
@@ -56,6 +57,11 @@ class ClientState:
     client_id: str
     max_sessions: int
     priority: str
+    role: str = "user"
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
 
 
 @dataclass(frozen=True)
@@ -68,11 +74,12 @@ class Owner:
 
 @dataclass
 class Stream:
-    """A running infer: where its tokens go."""
+    """A running infer: where its tokens go, and the engine it runs on."""
 
     peer: bytes
     request_id: int | str | None
     session_id: str
+    engine: ActorLink
 
 
 Handler = Callable[[bytes, Request], Awaitable[None]]
@@ -95,21 +102,21 @@ class Gateway:
         self.nursery: trio.Nursery | None = None
         self.auth = ActorLink(internal.AUTH, config)
         self.sessions = ActorLink(internal.SESSIONS, config)
-        self.engine = ActorLink(internal.ENGINE, config, watch=True)
+        self.models = ModelDirectory(config, internal.GATEWAY)
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
         self.queued = 0  # requests in the connections' queues, not yet taken
-        self.streams: dict[int, Stream] = {}  # running infers by the engine's ref
+        # Running infers by their engine and that engine's ref.
+        self.streams: dict[tuple[str, int], Stream] = {}
         self.owners: OrderedDict[str, Owner] = OrderedDict()  # by session_id
         self.fd_peers: dict[int, bytes] = {}
         self.peer_fds: dict[bytes, int] = {}
         self.monitor = frontend.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.models = [config.model_name]
         self.server_info: dict[str, Any] = {
             "name": "inferencecenter",
             "version": _version(),
             "protocol": wire.PROTOCOL_VERSION,
-            "models": self.models,
+            "models": self.models.names,  # the known models, the default first
         }
         self.handlers: dict[str, Handler] = {
             "ping": self.ping,
@@ -120,6 +127,9 @@ class Gateway:
             "infer": self.infer,
             "abort": self.abort,
             "stats": self.stats,
+            "list_models": self.list_models,
+            "load_model": self.load_model,
+            "unload_model": self.unload_model,
         }
         assert set(self.handlers) == set(messages.REQUEST_FIELDS)
 
@@ -139,7 +149,7 @@ class Gateway:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            for link in (self.auth, self.sessions, self.engine):
+            for link in (self.auth, self.sessions, self.models):
                 nursery.start_soon(link.run)
             nursery.start_soon(self.frontend.run)
             nursery.start_soon(self.watch_monitor)
@@ -209,7 +219,7 @@ class Gateway:
             queue.close()
         gone = [stream for stream in self.streams.values() if stream.peer == peer]
         for stream in gone:
-            self.engine.push("abort", session_id=stream.session_id)
+            stream.engine.push("abort", session_id=stream.session_id)
             log.info("client gone, generation aborted", session_id=stream.session_id)
         if gone or queue is not None:
             log.info("client disconnected", streams=len(gone))
@@ -259,9 +269,12 @@ class Gateway:
             raise Unauthenticated("this connection is not authenticated")
         return state
 
-    async def owned_session(self, peer: bytes, session_id: str) -> ClientState:
-        """The client of this connection, if it owns the session (from the owner cache; on a
-        miss, one `check` to the sessions actor)."""
+    async def owned_session(
+        self, peer: bytes, session_id: str, admin_too: bool = False
+    ) -> tuple[ClientState, Owner]:
+        """The client of this connection and the session's owner, if the client owns it (or,
+        with `admin_too`, is an admin); from the owner cache, or on a miss one `check` to the
+        sessions actor."""
         state = self.client_of(peer)
         owner = self.owners.get(session_id)
         if owner is None:
@@ -270,9 +283,9 @@ class Gateway:
             self.remember_owner(session_id, owner)
         else:
             self.owners.move_to_end(session_id)
-        if owner.client_id != state.client_id:
+        if owner.client_id != state.client_id and not (admin_too and state.admin):
             raise Forbidden("this session belongs to another client")
-        return state
+        return state, owner
 
     def remember_owner(self, session_id: str, owner: Owner) -> None:
         self.owners[session_id] = owner
@@ -298,7 +311,12 @@ class Gateway:
             self.clients.pop(peer, None)
             self.reply(peer, request.id, messages.AUTH_FAILED, reason=result.get("reason", ""))
             return
-        state = ClientState(result["client_id"], result["max_sessions"], result["priority"])
+        state = ClientState(
+            result["client_id"],
+            result["max_sessions"],
+            result["priority"],
+            str(result.get("role", "user")),
+        )
         self.clients[peer] = state
         self.reply(
             peer,
@@ -311,10 +329,12 @@ class Gateway:
         )
 
     async def create_session(self, peer: bytes, request: Request) -> None:
+        """A session of a known model (the default without one), loaded on demand: the reply
+        comes once the model serves."""
         state = self.client_of(peer)
-        model = request.fields["model"] or self.config.model_name
-        if model not in self.models:
-            raise NotFound(f"no model {model[:80]!r}; this daemon serves {self.config.model_name}")
+        model = request.fields["model"] or self.models.default
+        if not self.models.known(model):
+            await self.models.engine(model)  # not_found, unless --models-dir has it now
         created = await self.sessions.request(
             "create",
             client_id=state.client_id,
@@ -325,7 +345,7 @@ class Gateway:
         session_id = created["session_id"]
         self.remember_owner(session_id, Owner(state.client_id, model))
         opened = await self.open_in_engine(
-            session_id, request.fields["system_prompt"], state.client_id
+            model, session_id, request.fields["system_prompt"], state.client_id
         )
         self.reply(
             peer,
@@ -337,24 +357,30 @@ class Gateway:
         )
 
     async def open_in_engine(
-        self, session_id: str, system_prompt: str | None, client_id: str
+        self, model: str, session_id: str, system_prompt: str | None, client_id: str
     ) -> Body:
-        """Tell the engine of a session that exists now. An engine that is restarting loads it
-        from the snapshot and then answers this `open` too (it waits in the socket meanwhile);
-        an engine lost with the request in flight gets it again. Only if no engine answers in
-        time is the session removed: its client never learned its id, and it would hold one of
-        the client's sessions until it expired."""
+        """Tell the model's engine (loaded on demand) of a session that exists now. An engine
+        that is restarting loads it from the snapshot and then answers this `open` too (it
+        waits in the socket meanwhile); an engine lost with the request in flight gets it
+        again. If the model cannot be loaded, or no engine answers in time, the session is
+        removed: its client never learned its id, and it would hold one of the client's
+        sessions until it expired."""
         deadline = trio.current_time() + ENGINE_OPEN_TIMEOUT_S
         for attempt in range(ENGINE_OPEN_ATTEMPTS):
             try:
-                return await self.engine.request(
+                engine = await self.models.engine(model)
+                return await engine.request(
                     "open",
                     timeout=max(0.0, deadline - trio.current_time()),
                     session_id=session_id,
                     system_prompt=system_prompt,
                     client_id=client_id,
                 )
-            except InternalError:
+            except ProtocolError as exc:
+                if not isinstance(exc, InternalError):
+                    with trio.CancelScope(shield=True):
+                        await self.remove_unannounced(session_id)
+                    raise
                 last_attempt = attempt == ENGINE_OPEN_ATTEMPTS - 1
                 if last_attempt or trio.current_time() >= deadline - 1.0:
                     with trio.CancelScope(shield=True):
@@ -371,10 +397,14 @@ class Gateway:
             log.warning("session not removed", session_id=session_id, reason=exc.message)
 
     async def close_session(self, peer: bytes, request: Request) -> None:
+        """Its owner, or an admin, closes a session; with its model unloaded only the sessions
+        actor holds it."""
         session_id = request.fields["session_id"]
-        await self.owned_session(peer, session_id)
+        _, owner = await self.owned_session(peer, session_id, admin_too=True)
+        engine = self.models.running_link(owner.model)
         try:
-            await self.engine.request("close", session_id=session_id)
+            if engine is not None:
+                await engine.request("close", session_id=session_id)
         except NotFound:
             pass  # the engine no longer holds it: the sessions actor decides whether it exists
         try:
@@ -384,28 +414,57 @@ class Gateway:
         self.reply(peer, request.id, messages.SESSION_CLOSED, session_id=session_id)
 
     async def list_sessions(self, peer: bytes, request: Request) -> None:
+        """This client's sessions, or with `all` (admin only) everyone's, each with its
+        client_id; state and tokens as each model's engine has them (a session of an unloaded
+        model is idle, with the tokens of its history)."""
         state = self.client_of(peer)
-        listed = await self.sessions.request("list", client_id=state.client_id)
-        records = listed["sessions"]
-        info = await self.engine.request("info", session_ids=[s["session_id"] for s in records])
-        details = info["sessions"]
-        sessions = [
-            {
+        everyone = request.fields["all"]
+        if everyone and not state.admin:
+            raise Forbidden("listing every client's sessions is for admin clients")
+        listed = await self.sessions.request(
+            "list", client_id=state.client_id, all=everyone, timeout=30.0
+        )
+        records: list[Body] = listed["sessions"]
+        details: dict[str, Body] = {}
+        by_model: dict[str, list[str]] = {}
+        for record in records:
+            by_model.setdefault(record["model"], []).append(record["session_id"])
+
+        async def ask(engine: ActorLink, session_ids: list[str]) -> None:
+            try:
+                info = await engine.request("info", session_ids=session_ids)
+            except ProtocolError as exc:
+                log.debug("no session details", reason=exc.message)
+                return
+            details.update(info["sessions"])
+
+        async with trio.open_nursery() as nursery:
+            for model, session_ids in by_model.items():
+                engine = self.models.link(model)
+                if engine is not None:
+                    nursery.start_soon(ask, engine, session_ids)
+        sessions = []
+        for s in records:
+            detail = details.get(s["session_id"], {})
+            row = {
                 "session_id": s["session_id"],
                 "model": s["model"],
-                "state": details.get(s["session_id"], {}).get("state", "idle"),
-                "tokens": details.get(s["session_id"], {}).get("tokens", 0),
+                "state": detail.get("state", "idle"),
+                "tokens": detail.get("tokens", s.get("tokens", 0)),
                 "created": s["created"],
             }
-            for s in records
-        ]
+            if everyone:
+                row["client_id"] = s["client_id"]
+            sessions.append(row)
         self.reply(peer, request.id, messages.SESSION_LIST, sessions=sessions)
 
     async def infer(self, peer: bytes, request: Request) -> None:
         fields = request.fields
         session_id = fields["session_id"]
-        state = await self.owned_session(peer, session_id)
-        stream = Stream(peer, request.id, session_id)
+        state, owner = await self.owned_session(peer, session_id)
+        # A model that was unloaded is loaded again; its sessions go on from their histories.
+        engine = self.models.link(owner.model) or await self.models.engine(owner.model)
+        stream = Stream(peer, request.id, session_id, engine)
         payload: Body = {
             "session_id": session_id,
             "params": fields["params"].to_wire(),
@@ -433,9 +492,19 @@ class Gateway:
                     content=body["content"],
                 )
                 return
-            self.engine.forget(ref)
-            self.streams.pop(ref, None)
-            if body.get("lost"):  # the engine died mid-generation
+            engine.forget(ref)
+            self.streams.pop((engine.name, ref), None)
+            if body.get("unloaded"):  # its model was unloaded under it
+                self.reply(
+                    stream.peer,
+                    stream.request_id,
+                    messages.END,
+                    session_id=stream.session_id,
+                    finish_reason="aborted",
+                    stats=EMPTY_STATS,
+                    message=UNLOADED_MESSAGE,
+                )
+            elif body.get("lost"):  # the engine died mid-generation
                 self.reply(
                     stream.peer,
                     stream.request_id,
@@ -470,14 +539,18 @@ class Gateway:
                     ]
                 )
 
-        ref = self.engine.stream("infer", on_message, **payload)
-        self.streams[ref] = stream
+        ref = engine.stream("infer", on_message, **payload)
+        self.streams[(engine.name, ref)] = stream
 
     async def abort(self, peer: bytes, request: Request) -> None:
+        """Its owner, or an admin, stops a session's generation (`aborted` even when nothing
+        runs, its model unloaded included)."""
         session_id = request.fields["session_id"]
-        await self.owned_session(peer, session_id)
+        _, owner = await self.owned_session(peer, session_id, admin_too=True)
+        engine = self.models.running_link(owner.model)
         try:
-            await self.engine.request("abort", session_id=session_id)
+            if engine is not None:
+                await engine.request("abort", session_id=session_id)
         except NotFound:
             self.forget_owner(session_id)
             raise
@@ -485,15 +558,63 @@ class Gateway:
 
     async def stats(self, peer: bytes, request: Request) -> None:
         state = self.client_of(peer)
-        stats = await self.engine.request("stats")
+        figures = await self.models.inference()
+        described = await self.models.describe()
         listed = await self.sessions.request("list", client_id=state.client_id)
+        inference = combine_inference(figures, described["models"], described["default"])
         self.reply(
             peer,
             request.id,
             messages.STATS,
-            inference=stats["inference"],
+            inference=inference,
             sessions=len(listed["sessions"]),
         )
+
+    # ---- models -------------------------------------------------------------------------
+
+    async def list_models(self, peer: bytes, request: Request) -> None:
+        """Every known model with its state; `sessions` counts the sessions kept for it, its
+        model loaded or not."""
+        self.client_of(peer)
+        described = await self.models.describe()
+        counts = (await self.sessions.request("counts"))["counts"]
+        models = [
+            {
+                "model": m["model"],
+                "state": m["state"],
+                "parallel": m["parallel"],
+                "ctx_size": m["ctx_size"],
+                "sessions": int(counts.get(m["model"], 0)),
+                "memory_mb": m["memory_mb"],
+            }
+            for m in described["models"]
+        ]
+        self.reply(
+            peer, request.id, messages.MODEL_LIST, default=described["default"], models=models
+        )
+
+    async def load_model(self, peer: bytes, request: Request) -> None:
+        """Admin only; the reply comes once the model serves."""
+        state = self.client_of(peer)
+        if not state.admin:
+            raise Forbidden("loading models is for admin clients")
+        fields = {key: value for key, value in request.fields.items() if value is not None}
+        loaded = await self.models.load(**fields)
+        self.reply(
+            peer,
+            request.id,
+            messages.MODEL_LOADED,
+            model=loaded["model"],
+            seconds=float(loaded["seconds"]),
+        )
+
+    async def unload_model(self, peer: bytes, request: Request) -> None:
+        """Admin only; generations running on the model end "aborted", its sessions stay."""
+        state = self.client_of(peer)
+        if not state.admin:
+            raise Forbidden("unloading models is for admin clients")
+        unloaded = await self.models.unload(request.fields["model"])
+        self.reply(peer, request.id, messages.MODEL_UNLOADED, model=unloaded["model"])
 
 
 def open_frontend(config: Config) -> TrioSocket:

@@ -1,5 +1,6 @@
-"""The monitor actor: `metrics` once a second (GPUs through NVML, host, inference), `event.*`
-topics (sessions, alerts with hysteresis), and an optional Prometheus exporter."""
+"""The monitor actor: `metrics` once a second (GPUs through NVML, host, inference: every model's
+engine's figures combined, and per model), `event.*` topics (sessions, models, alerts with
+hysteresis), and an optional Prometheus exporter."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorServer, Body, Caller, report_to_supervisor
 from .config import Config
 from .logs import EventLog
+from .models import SUMMED, combine_inference
 from .prometheus import PrometheusExporter
 
 log = EventLog("monitor")
 
 METRICS_TOPIC = b"metrics"
 SESSION_TOPIC = b"event.session"
+MODEL_TOPIC = b"event.model"
 ALERT_TOPIC = b"event.alert"
 PERIOD_S = 1.0
 # The largest message a subscriber may send: a subscription is a topic of a few bytes (and a
@@ -42,6 +45,7 @@ EMPTY_INFERENCE: dict[str, Any] = {
     "last_ttft_ms": 0.0,
     "total_tokens_generated": 0,
     "tokens_per_second": 0.0,
+    "models": {},
 }
 
 # NVML's throttle reason bits, by the names the metrics use.
@@ -153,7 +157,12 @@ class MonitorActor:
     def __init__(self, config: Config, pub: TrioSocket) -> None:
         self.config = config
         self.pub = pub
-        self.inference: dict[str, Any] = dict(EMPTY_INFERENCE)
+        # Each engine's model and latest figures (a hot swap runs two engines of one model).
+        self.engines: dict[str, tuple[str, Body]] = {}
+        # Tokens counted by engines that are gone (unloaded, restarted), so totals only grow.
+        self.retired: dict[str, int] = {}
+        self.models: list[Body] = []  # the model registry's view (state, memory, settings)
+        self.default = config.model_name
         # Kept even without --prometheus-port: the HTTP actor's /metrics shows the same series.
         self.prometheus = PrometheusExporter()
         self.latest: Body | None = None  # the last metrics published
@@ -167,22 +176,67 @@ class MonitorActor:
             "auth_failed": self.on_auth_failed,
             "snapshot": self.snapshot,
             "prometheus": self.prometheus_text,
+            "models": self.update_models,
         }
 
     def publish(self, topic: bytes, body: Body) -> None:
         self.pub.send([topic, wire.pack(body)])
 
     def update_inference(self, body: Body, caller: Caller) -> None:
-        self.inference = {**EMPTY_INFERENCE, **body.get("inference", {})}
+        """One engine's figures (once a second)."""
+        model = str(body.get("model") or self.default)
+        engine = str(body.get("engine") or model)
+        figures = dict(body.get("inference", {}))
+        old = self.engines.get(engine)
+        tokens = int(figures.get("total_tokens_generated", 0))
+        if old is not None and tokens < int(old[1].get("total_tokens_generated", 0)):
+            self.retire(engine)  # restarted: it counts from 0 again
+        self.engines[engine] = (model, figures)
+
+    def retire(self, engine: str) -> None:
+        """Keep the tokens an engine generated once it is gone (or restarted)."""
+        model, figures = self.engines.pop(engine)
+        tokens = int(figures.get("total_tokens_generated", 0))
+        self.retired[model] = self.retired.get(model, 0) + tokens
+
+    def update_models(self, body: Body, caller: Caller) -> None:
+        """The registry's models and running engines (once a second)."""
+        self.models = list(body.get("models", []))
+        self.default = str(body.get("default", self.default))
+        running = body.get("engines")
+        if isinstance(running, dict):
+            for engine in list(self.engines):
+                if engine not in running:
+                    self.retire(engine)
+
+    def per_model(self) -> dict[str, Body]:
+        """The engines' figures by model (a hot swap's two engines added up)."""
+        figures: dict[str, Body] = {}
+        for model, values in self.engines.values():
+            into = figures.setdefault(model, {})
+            for key, value in values.items():
+                into[key] = into.get(key, 0) + value if key in SUMMED else value
+        return figures
+
+    def inference(self) -> Body:
+        """The engines' figures combined, with the tokens of engines that are gone."""
+        inference = combine_inference(self.per_model(), self.models, self.default)
+        inference["total_tokens_generated"] += sum(self.retired.values())
+        for name, figures in inference["models"].items():
+            figures["total_tokens_generated"] += self.retired.get(name, 0)
+        return {**EMPTY_INFERENCE, **inference}
 
     def on_event(self, body: Body, caller: Caller) -> None:
-        """Engine events: sessions' lives and an overloaded queue."""
+        """Events: sessions' lives, models' (loading, loaded, unloaded, failed), a full queue."""
         kind = str(body.get("kind"))
         if body.get("topic") == "session":
             # No client_id: anyone who can reach the port may subscribe, and it is clear text.
             event = {"kind": kind, "timestamp": time.time()}
             event.update({k: body.get(k) for k in ("session_id", "model")})
             self.publish(SESSION_TOPIC, event)
+        elif body.get("topic") == "model":
+            fields = {k: v for k, v in body.items() if k not in ("op", "ref", "topic")}
+            self.publish(MODEL_TOPIC, {**fields, "timestamp": time.time()})
         elif kind == "overloaded":
             self.alert("overloaded", True, False, "the queue is full: infers get `overloaded`")
 
@@ -256,7 +310,7 @@ class MonitorActor:
             next_tick += PERIOD_S
             await trio.sleep_until(next_tick)
             gpus = await trio.to_thread.run_sync(probe.read)
-            inference = dict(self.inference)
+            inference = self.inference()
             body = {
                 "timestamp": time.time(),
                 "gpu": gpus[0] if gpus else None,

@@ -22,9 +22,10 @@ import trio
 
 from ..protocol import internal
 from ..protocol.errors import LimitReached, NotFound, ProtocolError
-from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
+from .actor import ActorServer, Body, Caller, report_to_supervisor
 from .config import Config
 from .logs import EventLog
+from .models import ModelDirectory
 
 log = EventLog("sessions")
 
@@ -369,9 +370,9 @@ class SessionTable:
 
 
 class SessionsActor:
-    def __init__(self, config: Config, engine: ActorLink | None = None) -> None:
+    def __init__(self, config: Config, models: ModelDirectory | None = None) -> None:
         self.config = config
-        self.engine = engine
+        self.models = models  # each model's engine, to close a session there
         journal = SessionJournal(config.state_dir) if config.state_dir else None
         self.table = SessionTable(journal)
         if journal is not None:
@@ -383,6 +384,7 @@ class SessionsActor:
             "list": self.list,
             "append": self.append,
             "snapshot": self.snapshot,
+            "counts": self.counts,
         }
 
     def create(self, body: Body, caller: Caller) -> None:
@@ -403,13 +405,30 @@ class SessionsActor:
         caller.reply()
 
     def list(self, body: Body, caller: Caller) -> None:
-        records = sorted(self.table.owned_by(body["client_id"]), key=lambda s: s.created)
+        """A client's sessions, or with `all` everyone's (the caller checked it may)."""
+        if body.get("all"):
+            found = list(self.table.sessions.values())
+        else:
+            found = self.table.owned_by(body["client_id"])
         caller.reply(
             sessions=[
-                {"session_id": s.session_id, "model": s.model, "created": s.created}
-                for s in records
+                {
+                    "session_id": s.session_id,
+                    "client_id": s.client_id,
+                    "model": s.model,
+                    "created": s.created,
+                    "tokens": len(s.tokens) // 4,
+                }
+                for s in sorted(found, key=lambda s: s.created)
             ]
         )
+
+    def counts(self, body: Body, caller: Caller) -> None:
+        """How many sessions each model has (loaded or not)."""
+        counts: dict[str, int] = {}
+        for record in self.table.sessions.values():
+            counts[record.model] = counts.get(record.model, 0) + 1
+        caller.reply(counts=counts)
 
     def append(self, body: Body, caller: Caller) -> None:
         """What one infer added to a conversation (pushed by the engine, no reply)."""
@@ -421,18 +440,26 @@ class SessionsActor:
             bool(body.get("reset")),
         )
         if added is None:
-            self.disown(session_id)
+            self.disown(session_id, str(body.get("model", "")))
 
-    def disown(self, session_id: str) -> None:
+    def disown(self, session_id: str, model: str) -> None:
         """The engine used a session that no longer exists here (it expired or was closed while
         the engine could not hear of it): the engine drops it too."""
         log.debug("append for an unknown session", session_id=session_id)
-        if self.engine is not None:
-            self.engine.push("close", session_id=session_id)
+        engine = self.models.running_link(model) if self.models is not None else None
+        if engine is not None:
+            engine.push("close", session_id=session_id)
 
     def snapshot(self, body: Body, caller: Caller) -> None:
-        """Every conversation, for an engine that is starting."""
-        caller.reply(sessions=[record.history() for record in self.table.sessions.values()])
+        """The conversations of one model (all without `model`), for an engine that starts."""
+        model = body.get("model")
+        caller.reply(
+            sessions=[
+                record.history()
+                for record in self.table.sessions.values()
+                if model is None or record.model == model
+            ]
+        )
 
     async def expire_idle(self) -> None:
         """Close sessions unused for --session-idle-timeout (their owner is told nothing: the
@@ -446,12 +473,14 @@ class SessionsActor:
                     nursery.start_soon(self.expire, record)
 
     async def expire(self, record: SessionRecord) -> None:
-        """Expire one idle session unless the engine says it is generating right now. An engine
-        that does not answer is restarting: it will load the snapshot without the session."""
+        """Expire one idle session unless its model's engine says it is generating right now.
+        An engine that does not answer is restarting: it will load the snapshot without the
+        session; with its model unloaded, nothing runs."""
         closed = True
-        if self.engine is not None:
+        engine = self.models.running_link(record.model) if self.models is not None else None
+        if engine is not None:
             try:
-                reply = await self.engine.request(
+                reply = await engine.request(
                     "close",
                     timeout=ENGINE_CLOSE_TIMEOUT_S,
                     session_id=record.session_id,
@@ -480,14 +509,14 @@ def _ops_match(handlers: dict[str, Any]) -> None:
 
 
 async def main(config: Config, stop: trio.Event) -> None:
-    engine = ActorLink(internal.ENGINE, config, watch=True)
-    actor = SessionsActor(config, engine)
+    models = ModelDirectory(config, internal.SESSIONS)
+    actor = SessionsActor(config, models)
     _ops_match(actor.handlers)
     server = ActorServer(internal.SESSIONS, config, actor.handlers)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.run)
-            nursery.start_soon(engine.run)
+            nursery.start_soon(models.run)
             nursery.start_soon(actor.expire_idle)
             report_to_supervisor(config, {"op": "ready", "actor": internal.SESSIONS})
             await stop.wait()

@@ -12,6 +12,7 @@ from inferencecenter.protocol.errors import (
     ProtocolError,
     TooLarge,
     Unauthenticated,
+    Unavailable,
 )
 
 from .async_client import AsyncClient, AsyncGeneration, AsyncSession
@@ -44,4 +45,5 @@ __all__ = [
     "Session",
     "TooLarge",
     "Unauthenticated",
+    "Unavailable",
 ]

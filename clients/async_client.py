@@ -99,17 +99,43 @@ class AsyncClient(ClientBase):
     async def create_session(
         self, model: str | None = None, system_prompt: str | None = None
     ) -> AsyncSession:
-        return AsyncSession(self, *await self._call(core.create_session_call(model, system_prompt)))
+        """A new session of `model` (default: the daemon's); a model that is not loaded is
+        loaded first (within the client's `timeout`)."""
+        call = core.create_session_call(model, system_prompt)
+        return AsyncSession(self, *await self._call(call))
 
     def session(self, session_id: str) -> AsyncSession:
-        """A handle to an existing session (of this client_id); no request is sent."""
+        """A handle to an existing session (of this client_id, or any for an admin); no request
+        is sent."""
         return AsyncSession(self, session_id, None, None)
 
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        return await self._call(core.list_sessions_call())
+    async def list_sessions(self, all_clients: bool = False) -> list[dict[str, Any]]:
+        """This client's sessions; with `all_clients` (admin only) everyone's."""
+        return await self._call(core.list_sessions_call(all_clients))
 
     async def stats(self) -> dict[str, Any]:
         return await self._call(core.stats_call())
+
+    async def list_models(self) -> dict[str, Any]:
+        """The default model's name and every known model with its state."""
+        return await self._call(core.list_models_call())
+
+    async def load_model(
+        self,
+        model: str,
+        path: str | None = None,
+        *,
+        parallel: int | None = None,
+        ctx_size: int | None = None,
+        gpu_layers: int | None = None,
+    ) -> dict[str, Any]:
+        """Load a model (admin only); returns once it serves: `{"model", "seconds"}`."""
+        call = core.load_model_call(model, path, parallel, ctx_size, gpu_layers)
+        return await self._call(call, self.load_timeout)
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        """Unload a model (admin only); its sessions stay and go on once it is loaded again."""
+        return await self._call(core.unload_model_call(model))
 
     # ---- requests and replies ----
 

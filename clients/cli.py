@@ -1,4 +1,5 @@
-"""The client commands (infer, chat, sessions, metrics, top, keygen) for the daemon's parser."""
+"""The client commands (infer, chat, sessions, models, load, unload, metrics, top, keygen) for
+the daemon's parser."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from inferencecenter.protocol.errors import ProtocolError
 from inferencecenter.protocol.messages import MAX_NAME_BYTES, parse_params
 
 from .client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, Client, EndpointError, Generation
+from .core import DEFAULT_LOAD_TIMEOUT
 from .credentials import ENV_API_KEY, ENV_CLIENT_ID, ENV_CLIENTS, CredentialsError
 from .metrics import DEFAULT_METRICS_ENDPOINT, MetricsSubscriber
 
@@ -61,8 +63,44 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = subparsers.add_parser("sessions", help="list this client's sessions")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--all", action="store_true", help="every client's sessions (admin only)")
     _connection_options(p)
     p.set_defaults(func=_guarded(_sessions))
+
+    p = subparsers.add_parser(
+        "models",
+        help="list the daemon's models and their state",
+        description="Every model the daemon knows (the default marked *): loaded, loading, "
+        "unloading, or available (loaded on demand).",
+    )
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _connection_options(p)
+    p.set_defaults(func=_guarded(_models))
+
+    p = subparsers.add_parser(
+        "load",
+        help="load a model (admin only)",
+        description="Load the model NAME, or the GGUF file PATH (on the daemon's host) under "
+        "the name NAME; returns once it serves. Loading another file under a loaded name "
+        "swaps it: running generations finish, then the new file serves the same sessions.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("path", metavar="PATH", nargs="?", help="a GGUF file on the daemon's host")
+    p.add_argument("--parallel", type=_positive_int, help="sequences decoded together")
+    p.add_argument("--ctx-size", type=_positive_int, help="tokens per session")
+    p.add_argument("--gpu-layers", type=int, help="-1 all that fit, 0 CPU, N")
+    _connection_options(p, timeout=DEFAULT_LOAD_TIMEOUT)
+    p.set_defaults(func=_guarded(_load))
+
+    p = subparsers.add_parser(
+        "unload",
+        help="unload a model (admin only)",
+        description="Unload the model NAME: its running generations end, its sessions stay "
+        "and go on when it is loaded again.",
+    )
+    p.add_argument("name", metavar="NAME")
+    _connection_options(p)
+    p.set_defaults(func=_guarded(_unload))
 
     p = subparsers.add_parser(
         "metrics",
@@ -120,13 +158,18 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--priority", choices=clientsfile.PRIORITIES, help="scheduling priority")
     p.add_argument("--description", help="a note on who this client is")
     p.add_argument("--replace", action="store_true", help="give an existing client a new key")
+    p.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin: may load and unload models and act on every client's sessions",
+    )
     p.set_defaults(func=_guarded(_keygen))
 
 
 # ---- options ----
 
 
-def _connection_options(p: argparse.ArgumentParser) -> None:
+def _connection_options(p: argparse.ArgumentParser, timeout: float = DEFAULT_TIMEOUT) -> None:
     g = p.add_argument_group("connection")
     g.add_argument(
         "--endpoint",
@@ -149,8 +192,8 @@ def _connection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT,
-        help=f"seconds to wait for each reply (default {DEFAULT_TIMEOUT:g})",
+        default=timeout,
+        help=f"seconds to wait for each reply (default {timeout:g})",
     )
 
 
@@ -322,14 +365,17 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _sessions(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        rows = client.list_sessions()
+        rows = client.list_sessions(all_clients=args.all)
     if args.json:
         print(json.dumps(rows))
         return 0
     if not rows:
-        print(f"no sessions for client {client.client_id}", file=sys.stderr)
+        whose = "on the daemon" if args.all else f"for client {client.client_id}"
+        print(f"no sessions {whose}", file=sys.stderr)
         return 0
-    table = [("SESSION_ID", "MODEL", "STATE", "TOKENS", "CREATED")]
+    table: list[tuple[str, ...]] = [("SESSION_ID", "MODEL", "STATE", "TOKENS", "CREATED")]
+    if args.all:
+        table = [(*table[0], "CLIENT")]
     for row in rows:
         created = row.get("created")
         when = (
@@ -337,18 +383,69 @@ def _sessions(args: argparse.Namespace) -> int:
             if isinstance(created, (int, float))
             else "-"
         )
-        table.append(
-            (
-                str(row.get("session_id", "-")),
-                str(row.get("model", "-")),
-                str(row.get("state", "-")),
-                str(row.get("tokens", "-")),
-                when,
-            )
+        cells = (
+            str(row.get("session_id", "-")),
+            str(row.get("model", "-")),
+            str(row.get("state", "-")),
+            str(row.get("tokens", "-")),
+            when,
         )
+        table.append((*cells, str(row.get("client_id", "-"))) if args.all else cells)
+    _print_table(table)
+    return 0
+
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _models(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        listed = client.list_models()
+    if args.json:
+        print(json.dumps(listed))
+        return 0
+    default = listed.get("default")
+    table: list[tuple[str, ...]] = [
+        ("MODEL", "STATE", "PARALLEL", "CTX_SIZE", "SESSIONS", "MEMORY")
+    ]
+    for row in listed["models"]:
+        memory = row.get("memory_mb")
+        name = str(row.get("model", "-"))
+        table.append(
+            (
+                name + (" *" if name == default else ""),
+                str(row.get("state", "-")),
+                str(row.get("parallel", "-")),
+                str(row.get("ctx_size", "-")),
+                str(row.get("sessions", "-")),
+                f"{memory:.0f} MiB" if isinstance(memory, (int, float)) else "-",
+            )
+        )
+    _print_table(table)
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.path) if args.path else None  # the daemon's host is this one
+    with _connect(args) as client:
+        loaded = client.load_model(
+            args.name,
+            path,
+            parallel=args.parallel,
+            ctx_size=args.ctx_size,
+            gpu_layers=args.gpu_layers,
+        )
+    print(f"{loaded.get('model', args.name)} loaded in {loaded.get('seconds', 0.0):.1f} s")
+    return 0
+
+
+def _unload(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        unloaded = client.unload_model(args.name)
+    print(f"{unloaded.get('model', args.name)} unloaded")
     return 0
 
 
@@ -436,8 +533,12 @@ def _keygen(args: argparse.Namespace) -> int:
         fields["priority"] = args.priority
     if args.description is not None:
         fields["description"] = args.description
+    if args.admin:
+        fields["role"] = "admin"
     entry = clientsfile.add_client(path, client_id, **fields)
     print(f"client_id: {entry.client_id}")
+    if entry.role != "user":
+        print(f"role: {entry.role}")
     print(f"api_key: {entry.api_key}")
     sys.stdout.flush()
     print(

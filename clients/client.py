@@ -71,17 +71,42 @@ class Client(ClientBase):
         return time.perf_counter() - start
 
     def create_session(self, model: str | None = None, system_prompt: str | None = None) -> Session:
+        """A new session of `model` (default: the daemon's); a model that is not loaded is
+        loaded first (within the client's `timeout`)."""
         return Session(self, *self._call(core.create_session_call(model, system_prompt)))
 
     def session(self, session_id: str) -> Session:
-        """A handle to an existing session (of this client_id); no request is sent."""
+        """A handle to an existing session (of this client_id, or any for an admin); no request
+        is sent."""
         return Session(self, session_id, None, None)
 
-    def list_sessions(self) -> list[dict[str, Any]]:
-        return self._call(core.list_sessions_call())
+    def list_sessions(self, all_clients: bool = False) -> list[dict[str, Any]]:
+        """This client's sessions; with `all_clients` (admin only) everyone's."""
+        return self._call(core.list_sessions_call(all_clients))
 
     def stats(self) -> dict[str, Any]:
         return self._call(core.stats_call())
+
+    def list_models(self) -> dict[str, Any]:
+        """The default model's name and every known model with its state."""
+        return self._call(core.list_models_call())
+
+    def load_model(
+        self,
+        model: str,
+        path: str | None = None,
+        *,
+        parallel: int | None = None,
+        ctx_size: int | None = None,
+        gpu_layers: int | None = None,
+    ) -> dict[str, Any]:
+        """Load a model (admin only); returns once it serves: `{"model", "seconds"}`."""
+        call = core.load_model_call(model, path, parallel, ctx_size, gpu_layers)
+        return self._call(call, self.load_timeout)
+
+    def unload_model(self, model: str) -> dict[str, Any]:
+        """Unload a model (admin only); its sessions stay and go on once it is loaded again."""
+        return self._call(core.unload_model_call(model))
 
     def close(self) -> None:
         """Disconnect. Sessions stay on the daemon (reach them again with `session(id)`)."""

@@ -34,6 +34,9 @@ from inferencecenter.protocol.messages import (
     AUTH_SUCCESS,
     END,
     ERROR,
+    MODEL_LIST,
+    MODEL_LOADED,
+    MODEL_UNLOADED,
     PONG,
     SESSION_CLOSED,
     SESSION_CREATED,
@@ -52,6 +55,8 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 30.0
 # A running daemon answers `auth` at once, so "is anyone there?" need not wait the full timeout.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# How long load_model waits for its reply: a large model from a slow disk takes minutes.
+DEFAULT_LOAD_TIMEOUT = 600.0
 # Replies come from our own daemon, not from strangers; the bound only stops a runaway peer.
 MAX_REPLY_BYTES = 64 << 20
 # Copies of one request sent before giving up on it (each reconnect or re-auth resends it).
@@ -192,14 +197,53 @@ def create_session_call(model: str | None, system_prompt: str | None) -> Call[Ne
     return Call(body, created)
 
 
-def list_sessions_call() -> Call[list[dict[str, Any]]]:
+def list_sessions_call(all_clients: bool = False) -> Call[list[dict[str, Any]]]:
+    """This client's sessions; with `all_clients` (an admin's) every client's, with client_id."""
+
     def listed(reply: Body) -> list[dict[str, Any]]:
         sessions = expect(reply, SESSION_LIST).get("sessions")
         if not isinstance(sessions, list):
             return []
         return [dict(s) for s in sessions if isinstance(s, dict)]
 
-    return Call({"op": "list_sessions"}, listed)
+    body: Body = {"op": "list_sessions"}
+    if all_clients:
+        body["all"] = True
+    return Call(body, listed)
+
+
+def list_models_call() -> Call[Body]:
+    """`{"default": name, "models": [{model, state, parallel, ctx_size, sessions, memory_mb}]}`."""
+
+    def listed(reply: Body) -> Body:
+        fields = reply_fields(expect(reply, MODEL_LIST))
+        models = fields.get("models")
+        fields["models"] = [dict(m) for m in models if isinstance(m, dict)] if models else []
+        return fields
+
+    return Call({"op": "list_models"}, listed)
+
+
+def load_model_call(
+    model: str,
+    path: str | None = None,
+    parallel: int | None = None,
+    ctx_size: int | None = None,
+    gpu_layers: int | None = None,
+) -> Call[Body]:
+    """Load `model` (admin only): a known name, or a GGUF `path` on the daemon's host under
+    that name (a hot swap when it is loaded); checked here as the daemon checks it."""
+    body: Body = {"op": "load_model", "model": model}
+    optional = {"path": path, "parallel": parallel, "ctx_size": ctx_size, "gpu_layers": gpu_layers}
+    body.update({key: value for key, value in optional.items() if value is not None})
+    parse_request(body)
+    return Call(body, lambda reply: reply_fields(expect(reply, MODEL_LOADED)))
+
+
+def unload_model_call(model: str) -> Call[Body]:
+    body: Body = {"op": "unload_model", "model": model}
+    parse_request(body)
+    return Call(body, lambda reply: reply_fields(expect(reply, MODEL_UNLOADED)))
 
 
 def stats_call() -> Call[Body]:
@@ -607,11 +651,15 @@ class ClientBase:
         clients_file: str | os.PathLike[str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float | None = None,
+        load_timeout: float = DEFAULT_LOAD_TIMEOUT,
     ) -> None:
         # Resolved first, so a missing key is reported before any socket exists.
         self._creds = credentials.resolve(client_id, api_key, clients_file)
         self.endpoint = endpoint
         self.timeout = timeout
+        # load_model's wait (at least `timeout`). A create_session or infer that loads its model
+        # on demand waits `timeout`: give a longer one where large models load on demand.
+        self.load_timeout = max(timeout, load_timeout)
         self.connect_timeout = (
             min(timeout, DEFAULT_CONNECT_TIMEOUT) if connect_timeout is None else connect_timeout
         )

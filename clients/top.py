@@ -106,6 +106,12 @@ def show_memory(used_mb: Any, total_mb: Any) -> str:
     return f"{show(used, digits=0)} / {show(total, digits=0)} MiB"
 
 
+def show_size(mb: float | None) -> str:
+    if mb is None:
+        return "-"
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
+
+
 def clock(stamp: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(stamp))
 
@@ -264,6 +270,34 @@ def inference_panel(state: DashboardState, inference: dict[str, Any]) -> Group:
     return Group(counts, rates, trend)
 
 
+STATE_STYLES = {"loaded": "green", "loading": "yellow", "unloading": "yellow"}
+
+
+def models_panel(models: dict[str, Any]) -> Panel | None:
+    """One row per model the daemon knows: its state, sessions, generations, rate, memory."""
+    rows = [(str(name), figures) for name, figures in models.items() if isinstance(figures, dict)]
+    if not rows:
+        return None
+    table = Table(expand=True, box=None, padding=(0, 1), show_edge=False)
+    table.add_column("model", style="bold", no_wrap=True, overflow="ellipsis")
+    table.add_column("state", no_wrap=True)
+    for title in ("sessions", "active", "queued", "tokens/s", "memory"):
+        table.add_column(title, justify="right", no_wrap=True)
+    for name, figures in rows:
+        state = str(figures.get("state", "-"))
+        memory = number(figures.get("memory_mb"))
+        table.add_row(
+            name,
+            Text(state, style=STATE_STYLES.get(state, "dim")),
+            show(figures.get("sessions"), digits=0),
+            show(figures.get("active_generations"), digits=0),
+            show(figures.get("queued"), digits=0),
+            show(figures.get("tokens_per_second")),
+            show_size(memory),
+        )
+    return Panel(table, title="models", title_align="left")
+
+
 def summarize_event(topic: str, body: dict[str, Any]) -> Text:
     """`kind: message` first, then the other plain fields as key=value, on one line."""
     text = Text(no_wrap=True, overflow="ellipsis")
@@ -336,16 +370,17 @@ def render(state: DashboardState, now: float | None = None) -> RenderableType:
         Panel(gpu, title=gpu_title, title_align="left", height=height),
         Panel(host, title="host", title_align="left", height=height),
     )
-    return Group(
+    inference = section(body, "inference")
+    parts: list[RenderableType] = [
         header(state, now),
         row,
-        Panel(
-            inference_panel(state, section(body, "inference")),
-            title="inference",
-            title_align="left",
-        ),
-        events_panel(state),
-    )
+        Panel(inference_panel(state, inference), title="inference", title_align="left"),
+    ]
+    models = models_panel(section(inference, "models"))
+    if models is not None:
+        parts.append(models)
+    parts.append(events_panel(state))
+    return Group(*parts)
 
 
 # ---- the command ----

@@ -4,15 +4,13 @@ that crash, and stops them in order (the engine first, so running streams get th
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import zmq
@@ -20,15 +18,15 @@ import zmq
 from ..actors.config import Config
 from ..actors.logs import EventLog
 from ..protocol import internal
+from .models import LOADED, LOADING, ModelEntry, ModelRegistry
+from .processes import MAX_BACKOFF_S, STABLE_S, ActorProcess, EngineHealth
+
+__all__ = ["MAX_BACKOFF_S", "ActorProcess", "EngineHealth", "StartupError", "Supervisor"]
 
 log = EventLog("supervisor")
 
 READY_DEADLINE_S = 600.0  # loading a large model from a slow disk can take minutes
 STOP_DEADLINE_S = 10.0
-RESTART_WINDOW_S = 60.0
-MAX_RESTARTS_IN_WINDOW = 5
-STABLE_S = 30.0  # an actor up this long has its backoff reset
-MAX_BACKOFF_S = 15.0
 
 
 class SystemdNotifier:
@@ -52,43 +50,6 @@ class StartupError(Exception):
     """An actor could not start; the message is the one line to show."""
 
 
-@dataclass
-class ActorProcess:
-    name: str
-    process: subprocess.Popen[bytes] | None = None
-    ready: bool = False
-    restarts: list[float] = field(default_factory=list)
-    crashes_in_a_row: int = 0
-    started: float = 0.0
-    restart_at: float | None = None  # when a crashed actor is due to start again
-
-    def backoff(self) -> float:
-        """Exponential with jitter, so actors that crashed together do not restart in step."""
-        base = min(MAX_BACKOFF_S, 0.5 * 2.0 ** max(0, self.crashes_in_a_row - 1))
-        return base * random.uniform(1.0, 1.25)
-
-
-@dataclass
-class EngineHealth:
-    """The engine's heartbeat: its step counter and how much work waits. No progress while work
-    is pending, or no heartbeat at all, for --engine-hang-s means it is hung."""
-
-    steps: int = -1
-    pending: int = 0
-    progress_at: float = field(default_factory=time.monotonic)
-    heard_at: float = field(default_factory=time.monotonic)
-
-    def beat(self, steps: int, pending: int, now: float) -> None:
-        if steps != self.steps or pending == 0:
-            self.progress_at = now
-        self.steps, self.pending, self.heard_at = steps, pending, now
-
-    def hung(self, now: float, limit_s: float) -> bool:
-        silent = now - self.heard_at > limit_s
-        stuck = self.pending > 0 and now - self.progress_at > limit_s
-        return silent or stuck
-
-
 def make_runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if not base or not os.access(base, os.W_OK):
@@ -102,45 +63,60 @@ class Supervisor:
         self.config = replace(config, runtime_dir=str(self.runtime_dir))
         self.config_path = self.runtime_dir / "config.json"
         self.config_path.write_text(self.config.to_json())
+        # The actors other than the engines (those are the model registry's, one per model).
         self.actors = {
             name: ActorProcess(name)
             for name in internal.ACTORS
-            if name != internal.HTTP or self.config.http_port
+            if name != internal.ENGINE and (name != internal.HTTP or self.config.http_port)
         }
-        self.inbox: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.inbox: zmq.Socket[bytes] = context.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.bind(internal.endpoint(self.runtime_dir, internal.SUPERVISOR))
+        # The model registry's op table: the front actors and the sessions actor ask here.
+        self.models_socket: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+        self.models_socket.setsockopt(zmq.LINGER, 0)
+        self.models_socket.bind(internal.endpoint(self.runtime_dir, internal.MODELS))
+        # Model events and figures for the monitor.
+        self.monitor_link: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+        self.monitor_link.setsockopt(zmq.LINGER, 0)
+        self.monitor_link.setsockopt(zmq.SNDHWM, 1000)
+        self.monitor_link.connect(internal.endpoint(self.runtime_dir, internal.MONITOR))
+        self.poller = zmq.Poller()
+        self.poller.register(self.inbox, zmq.POLLIN)
+        self.poller.register(self.models_socket, zmq.POLLIN)
         # The HTTP actor learns from here whether every actor is ready (GET /health).
         self.http_link: zmq.Socket[bytes] | None = None
         self.http_told: bool | None = None
         if internal.HTTP in self.actors:
-            self.http_link = zmq.Context.instance().socket(zmq.DEALER)
+            self.http_link = context.socket(zmq.DEALER)
             self.http_link.setsockopt(zmq.LINGER, 0)
             self.http_link.connect(internal.endpoint(self.runtime_dir, internal.HTTP))
+        self.registry = ModelRegistry(self.config, self.send_to_peer, self.send_to_monitor)
         self.stopping = False
+        self.started = False
         self.fatal: dict[str, str] = {}
-        self.engine_health = EngineHealth()
         self.notify = SystemdNotifier()
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
 
     def spawn(self, actor: ActorProcess) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "inferencecenter.actors.run",
-            f"inferencecenter-{actor.name}",
-            "--config",
-            str(self.config_path),
-        ]
-        # A session of their own: a Ctrl-C in the terminal reaches only the supervisor, which
-        # then stops the actors in order.
-        actor.process = subprocess.Popen(command, start_new_session=True)
-        actor.ready = False
-        actor.started = time.monotonic()
+        actor.spawn(self.config_path)
         if actor.name == internal.HTTP:
             self.http_told = None  # a new HTTP actor knows nothing yet
+
+    def send_to_peer(self, peer: bytes, body: internal.Body) -> None:
+        try:
+            self.models_socket.send_multipart([peer, internal.pack(body)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the peer is gone (a restarted actor asks again)
+            log.debug("models reply not sent", reason=str(exc))
+
+    def send_to_monitor(self, body: internal.Body) -> None:
+        try:
+            self.monitor_link.send(internal.pack(body), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the monitor is restarting: figures come again within a second
 
     def http_url(self) -> str:
         if not self.config.http_port:
@@ -150,7 +126,11 @@ class Supervisor:
 
     def tell_http(self) -> None:
         """Tell the HTTP actor whether every actor is ready, when that changed."""
-        ready = all(actor.ready for actor in self.actors.values())
+        ready = (
+            self.started
+            and all(actor.ready for actor in self.actors.values())
+            and self.registry.serving()
+        )
         if self.http_link is None or ready == self.http_told:
             return
         try:
@@ -161,27 +141,35 @@ class Supervisor:
         self.http_told = ready
 
     def poll_inbox(self, timeout_ms: int) -> None:
-        if not self.inbox.poll(timeout_ms):
+        """Reports of the actors (ready, fatal, heartbeats) and the model registry's ops."""
+        if not self.poller.poll(timeout_ms):
             return
         while True:
             try:
                 body = internal.unpack(self.inbox.recv(zmq.NOBLOCK))
             except zmq.Again:
-                return
+                break
             except ValueError:
                 continue
             actor = self.actors.get(str(body.get("actor")))
             if actor is None:
-                continue
-            if body.get("op") == "ready":
+                self.registry.on_report(body)
+            elif body.get("op") == "ready":
                 actor.ready = True
-                if actor.name == internal.ENGINE:
-                    self.engine_health = EngineHealth()
-            elif body.get("op") == "alive" and actor.name == internal.ENGINE:
-                steps, pending = int(body.get("steps", 0)), int(body.get("pending", 0))
-                self.engine_health.beat(steps, pending, time.monotonic())
             elif body.get("op") == "fatal":
                 self.fatal[actor.name] = str(body.get("message", ""))
+        while True:
+            try:
+                frames = self.models_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 2:
+                continue
+            try:
+                request = internal.unpack(frames[1])
+            except ValueError:
+                continue
+            self.registry.handle(frames[0], request)
 
     def wait_ready(self, names: list[str]) -> None:
         deadline = time.monotonic() + READY_DEADLINE_S
@@ -199,21 +187,49 @@ class Supervisor:
                 raise StartupError(f"actors not ready after {READY_DEADLINE_S:.0f} s: {names}")
             self.poll_inbox(200)
 
+    def wait_loaded(self, entry: ModelEntry) -> None:
+        """A model loaded at start: the default one must load; another that cannot is left
+        available, with a warning."""
+        deadline = time.monotonic() + READY_DEADLINE_S
+        while entry.state == LOADING:
+            if self.stopping:
+                raise StartupError("stopped while starting")
+            if time.monotonic() > deadline:
+                raise StartupError(f"model {entry.name} not loaded after {READY_DEADLINE_S:.0f} s")
+            self.poll_inbox(200)
+            self.registry.poll(time.monotonic())
+        if entry.state == LOADED:
+            return
+        if entry.name == self.registry.default:
+            raise StartupError(entry.error or f"model {entry.name} failed to load")
+        log.warning("model not loaded at start", model=entry.name, reason=entry.error)
+
     def start(self) -> None:
+        """The actors but the gateway; then the models given with --model, one after the other
+        (each engine times its decode steps at start, alone); then the gateway, which binds the
+        frontend: the first `pong` means the daemon serves."""
         first = [n for n in self.actors if n != internal.GATEWAY]
         for name in first:
             self.spawn(self.actors[name])
         self.wait_ready(first)
+        for name in self.registry.start_at_launch():
+            entry = self.registry.models[name]
+            if entry.state != LOADED:
+                self.registry.start_load(entry)
+                self.wait_loaded(entry)
         self.spawn(self.actors[internal.GATEWAY])
         self.wait_ready([internal.GATEWAY])
+        self.started = True
         self.tell_http()
 
     def watch(self) -> int:
-        """Restart crashed actors (backoff with jitter) until asked to stop; kill a hung engine;
-        give up on a crash loop with one clear line and exit code 1."""
+        """Restart crashed actors (backoff with jitter) until asked to stop; the registry does
+        the same for engines (and kills a hung one); give up on a crash loop of an actor with
+        one clear line and exit code 1."""
         while not self.stopping:
             self.poll_inbox(200)
             now = time.monotonic()
+            self.registry.poll(now)
             for actor in self.actors.values():
                 assert actor.process is not None
                 if actor.restart_at is not None:
@@ -228,63 +244,30 @@ class Supervisor:
                     continue
                 if self.stopping:
                     break
-                actor.restarts = [t for t in actor.restarts if now - t < RESTART_WINDOW_S]
-                if len(actor.restarts) >= MAX_RESTARTS_IN_WINDOW:
+                if not actor.crashed(now):
                     log.error(
                         "actor keeps crashing, giving up",
                         actor=actor.name,
                         code=code,
                         crashes=len(actor.restarts) + 1,
-                        window_s=RESTART_WINDOW_S,
                     )
                     return 1
-                actor.restarts.append(now)
-                actor.ready = False
-                actor.crashes_in_a_row += 1
                 delay = actor.backoff()
                 actor.restart_at = now + delay
                 log.warning(
                     "actor exited, restarting", actor=actor.name, code=code, delay_s=round(delay, 2)
                 )
-            self.check_engine(now)
+            if self.registry.heartbeats_fresh(now):
+                self.notify.send("WATCHDOG=1")  # only while the engines' loops are alive
             self.tell_http()
         return 0
 
-    def check_engine(self, now: float) -> None:
-        engine = self.actors[internal.ENGINE]
-        if engine.process is None or engine.restart_at is not None or not engine.ready:
-            return
-        hung = self.engine_health.hung(now, self.config.engine_hang_s)
-        if engine.process.poll() is None and hung:
-            log.error(
-                "engine hung, killing it",
-                pending=self.engine_health.pending,
-                seconds=round(now - self.engine_health.progress_at, 1),
-            )
-            engine.process.kill()
-            engine.ready = False
-            return
-        if self.engine_health.heard_at > now - 5.0:
-            self.notify.send("WATCHDOG=1")  # only while the engine loop is alive
-
-    def stop_actor(self, actor: ActorProcess, deadline_s: float) -> None:
-        process = actor.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(deadline_s)
-        except subprocess.TimeoutExpired:
-            log.warning("actor did not stop in time, killing", actor=actor.name)
-            process.kill()
-            process.wait()
-
     def stop(self) -> None:
-        """Engine first (it ends running generations with `end`), then the gateway (which
-        delivers them), then the rest."""
+        """Engines first (each ends its running generations with `end`), then the gateway
+        (which delivers them), then the rest."""
         self.notify.send("STOPPING=1")
+        self.registry.stop_all(STOP_DEADLINE_S)
         order = [
-            internal.ENGINE,
             internal.GATEWAY,
             internal.HTTP,
             internal.SESSIONS,
@@ -293,10 +276,10 @@ class Supervisor:
         ]
         for name in order:
             if name in self.actors:
-                self.stop_actor(self.actors[name], STOP_DEADLINE_S)
-        self.inbox.close()
-        if self.http_link is not None:
-            self.http_link.close()
+                self.actors[name].stop(STOP_DEADLINE_S)
+        for sock in (self.inbox, self.models_socket, self.monitor_link, self.http_link):
+            if sock is not None:
+                sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def run(self) -> int:
@@ -311,7 +294,10 @@ class Supervisor:
                 endpoint=f"tcp://{self.config.bind}:{self.config.port}",
                 metrics=f"tcp://{self.config.bind}:{self.config.metrics_port}",
                 http=self.http_url(),
-                model=self.config.model,
+                models=",".join(
+                    name for name, e in self.registry.models.items() if e.state == LOADED
+                ),
+                default=self.registry.default,
                 clients=self.config.clients,
                 seconds=round(time.monotonic() - started, 2),
             )

@@ -58,6 +58,12 @@ class InternalError(ProtocolError):
     code = "internal"
 
 
+class Unavailable(ProtocolError):
+    """A model cannot be loaded now (memory, a file llama.cpp refused); the message says why."""
+
+    code = "unavailable"
+
+
 ERROR_TYPES: dict[str, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -71,6 +77,7 @@ ERROR_TYPES: dict[str, type[ProtocolError]] = {
         Busy,
         Overloaded,
         InternalError,
+        Unavailable,
     )
 }
 

@@ -25,6 +25,8 @@ HTTP = "http"  # the HTTP frontend (OpenAI API, WebSocket); not started with --h
 # answer "loading" while the model loads; the supervisor tells it when all are ready.
 ACTORS = (AUTH, SESSIONS, MONITOR, ENGINE, HTTP, GATEWAY)
 SUPERVISOR = "supervisor"
+# The supervisor's model registry: the one owner of every model's state, asked over this socket.
+MODELS = "models"
 
 # Internal reply ops.
 REPLY = "reply"
@@ -37,14 +39,28 @@ TOKENS = "tokens"
 
 # Ops each actor serves (its handler table must match this list).
 AUTH_OPS = ("authenticate", "authenticate_key")
-SESSIONS_OPS = ("create", "check", "remove", "list", "append", "snapshot")
-ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats")
+SESSIONS_OPS = ("create", "check", "remove", "list", "append", "snapshot", "counts")
+# `reload`: take the sessions' histories again (a hot swap's new engine, once the old one is gone).
+ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats", "reload")
 # Pushed to the supervisor: {"op": "ready", "actor": name} or {"op": "fatal", "actor", "message"}.
 SUPERVISOR_OPS = ("ready", "fatal", "alive")
+# Asked of the model registry by the gateway, the HTTP and the sessions actors. `watch_models`
+# answers now and again at every change ({"op": "models", ...}); `ensure_loaded` answers once the
+# model serves (loading it on demand).
+MODELS_OPS = ("list_models", "load_model", "unload_model", "ensure_loaded", "watch_models")
 # Pushed to the monitor: the engine's figures once a second ("inference"), session events and
 # an overloaded queue ("event"), one record per finished infer ("request"); auth failures.
 # Asked of it by the HTTP actor: the last metrics ("snapshot"), the Prometheus text.
-MONITOR_OPS = ("inference", "event", "request", "auth_failed", "snapshot", "prometheus")
+# The supervisor pushes the models' states and memory ("models") and their events (`event`).
+MONITOR_OPS = (
+    "inference",
+    "event",
+    "request",
+    "auth_failed",
+    "snapshot",
+    "prometheus",
+    "models",
+)
 # Pushed to the HTTP actor by the supervisor: {"op": "daemon_state", "ready": bool}, whether
 # every actor is ready (GET /health).
 HTTP_OPS = ("daemon_state",)
@@ -52,6 +68,18 @@ HTTP_OPS = ("daemon_state",)
 
 def endpoint(runtime_dir: str | Path, name: str) -> str:
     return f"ipc://{Path(runtime_dir) / name}.sock"
+
+
+def engine_id(load: int) -> str:
+    """The name of one load's engine (its socket, its reports): short, whatever the model's
+    name (an ipc path is limited to about 100 bytes), and new for each load, so that a hot swap's
+    two engines of one model never share a socket. A restart after a crash keeps it."""
+    return f"{ENGINE}.{load}"
+
+
+def engine_process_name(model: str) -> str:
+    """What `ps` shows for a model's engine."""
+    return f"inferencecenter-{ENGINE}-{model}"
 
 
 def pack(body: Body) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,15 +27,31 @@ TOKEN = "token"
 END = "end"
 ABORTED = "aborted"
 STATS = "stats"
+MODEL_LIST = "model_list"
+MODEL_LOADED = "model_loaded"
+MODEL_UNLOADED = "model_unloaded"
 ERROR = "error"
 
 FINISH_REASONS = ("stop", "length", "aborted", "context", "error")
 SESSION_STATES = ("idle", "generating", "queued")
+MODEL_STATES = ("available", "loading", "loaded", "unloading")
+# A model's short name.
+MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_PATH_BYTES = 4096
+# What a load may set for its model (the serve flags' ranges).
+LOAD_LIMITS = {"parallel": (1, 256), "ctx_size": (64, 1 << 20), "gpu_layers": (-1, 1 << 16)}
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """The `params` map of `infer`, with PROTOCOL.md's defaults."""
+    """The `params` map of `infer`, with PROTOCOL.md's defaults.
+
+    The fields after `ignore_eos` are set by the HTTP actor only (`parse_params` refuses them):
+    `grammar` (GBNF that constrains decoding; an end-of-generation token then ends it even with
+    ignore_eos), OpenAI's presence and frequency penalties, and `logprobs` (None: none; N: the
+    sampled token's log-probability and the N most likely tokens'). At their defaults they stay
+    off the wire, so an engine that does not know them reads what it always read.
+    """
 
     temp: float = 0.8
     top_k: int = 40
@@ -45,10 +62,23 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
+    grammar: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+
+    @property
+    def stops_at_eog(self) -> bool:
+        """Whether an end-of-generation token ends the generation: a grammar that is complete
+        allows nothing else."""
+        return not self.ignore_eos or self.grammar is not None
 
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)
+        for name, default in OPTIONAL_PARAMS.items():
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod
@@ -57,6 +87,17 @@ class SamplingParams:
         values = dict(data)
         values["stop"] = tuple(values.get("stop", ()))
         return cls(**values)
+
+
+# SamplingParams' fields that only the HTTP actor sets, and their defaults (off the wire).
+OPTIONAL_PARAMS: dict[str, Any] = {
+    "grammar": None,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logprobs": None,
+}
+MAX_GRAMMAR_BYTES = 128 * 1024  # a JSON schema's grammar is a few kB
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 def _number(name: str, value: Any) -> float:
@@ -239,6 +280,41 @@ def _create_session(body: Body) -> Body:
     }
 
 
+def _model_name(body: Body) -> str:
+    name = _str_field(body, "model", required=True, max_bytes=MAX_NAME_BYTES)
+    if not MODEL_NAME.fullmatch(name):
+        raise BadRequest("field 'model' must match [A-Za-z0-9._-]{1,64}")
+    return str(name)
+
+
+def _load_model(body: Body) -> Body:
+    fields: Body = {
+        "model": _model_name(body),
+        "path": _str_field(body, "path", required=False, max_bytes=MAX_PATH_BYTES),
+    }
+    for name, (low, high) in LOAD_LIMITS.items():
+        value = body.get(name)
+        if value is None:
+            fields[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRequest(f"field {name!r} must be an int, not {kind_of(value)}")
+        if not low <= value <= high:
+            raise BadRequest(f"field {name!r} must be in {low}..{high} (got {value})")
+        fields[name] = value
+    if fields["path"] == "":
+        raise BadRequest("field 'path' must not be empty")
+    return fields
+
+
+def _unload_model(body: Body) -> Body:
+    return {"model": _model_name(body)}
+
+
+def _list_sessions(body: Body) -> Body:
+    return {"all": _bool_field(body, "all")}
+
+
 def _session_only(body: Body) -> Body:
     return {"session_id": _str_field(body, "session_id", required=True, max_bytes=MAX_NAME_BYTES)}
 
@@ -264,10 +340,13 @@ REQUEST_FIELDS: dict[str, Callable[[Body], Body]] = {
     "auth": _auth,
     "create_session": _create_session,
     "close_session": _session_only,
-    "list_sessions": _no_fields,
+    "list_sessions": _list_sessions,
     "infer": _infer,
     "abort": _session_only,
     "stats": _no_fields,
+    "list_models": _no_fields,
+    "load_model": _load_model,
+    "unload_model": _unload_model,
 }
 
 OPS_BEFORE_AUTH = frozenset({"ping", "auth"})

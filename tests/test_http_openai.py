@@ -315,9 +315,10 @@ def test_an_unknown_model_is_404(http_daemon: Daemon) -> None:
     [
         {"n": 2},
         {"logit_bias": {"17": 5}},
-        {"presence_penalty": 0.5},
+        {"presence_penalty": 3},
         {"tools": [{"type": "function", "function": {"name": "f"}}]},
-        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "regex"}},
+        {"top_logprobs": 2},
         {"extra_body": {"mirostat": 2}},
         {"temperature": -1},
         {"max_tokens": 0},

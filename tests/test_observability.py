@@ -80,10 +80,16 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
-def sample(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert match, f"{name} not exported"
-    return float(match.group(1))
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum of a series over its labels (every model's), or of those with `labels`."""
+    pattern = rf"^{re.escape(name)}(?:\{{(.*)\}})? ([0-9.e+-]+)$"
+    found = [
+        float(value)
+        for label_text, value in re.findall(pattern, text, re.MULTILINE)
+        if all(f'{key}="{want}"' in label_text for key, want in labels.items())
+    ]
+    assert found, f"{name} not exported"
+    return sum(found)
 
 
 def test_prometheus_exporter_moves_with_traffic(tmp_path: Path) -> None:
@@ -115,7 +121,7 @@ def test_prometheus_exporter_moves_with_traffic(tmp_path: Path) -> None:
             after = scrape(port)
         assert sample(after, "inferencecenter_generated_tokens_total") == tokens_before + 16
         assert sample(after, "inferencecenter_auth_failures_total") >= 1
-        assert sample(after, 'inferencecenter_requests_total{finish_reason="length"}') >= 1
+        assert sample(after, "inferencecenter_requests_total", finish_reason="length") >= 1
         assert sample(after, "inferencecenter_time_to_first_token_seconds_count") >= 1
         assert sample(after, "inferencecenter_request_duration_seconds_count") >= 1
         assert "inferencecenter_active_generations" in after

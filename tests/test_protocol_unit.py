@@ -129,6 +129,9 @@ def test_every_op_of_the_protocol_is_in_the_table() -> None:
         "infer",
         "abort",
         "stats",
+        "list_models",
+        "load_model",
+        "unload_model",
     }
 
 
@@ -145,6 +148,7 @@ PROTOCOL_ERROR_CODES = frozenset(
         "busy",
         "overloaded",
         "internal",
+        "unavailable",  # protocol 1.1
     }
 )
 

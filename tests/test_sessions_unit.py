@@ -249,8 +249,19 @@ class FakeEngineLink:
         self.pushed.append((op, fields))
 
 
+class FakeModels:
+    """Stands in for the ModelDirectory: every model's engine is the fake link."""
+
+    def __init__(self, engine: FakeEngineLink) -> None:
+        self.engine = engine
+
+    def running_link(self, model: str) -> FakeEngineLink:
+        return self.engine
+
+
 def expiring_actor(engine: FakeEngineLink) -> tuple[SessionsActor, SessionRecord]:
-    actor = SessionsActor(Config(model="gemma.gguf", session_idle_timeout=5), engine)  # type: ignore[arg-type]
+    config = Config(model="gemma.gguf", session_idle_timeout=5)
+    actor = SessionsActor(config, FakeModels(engine))  # type: ignore[arg-type]
     record = actor.table.create("alice", 4, "gemma", None)
     return actor, record
 

@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
+import struct
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,23 +176,103 @@ def _swa_layers(arch: str, pattern: Any, n_layers: int, window: int) -> tuple[bo
     return tuple(period == 0 or il % period < period - 1 for il in range(n_layers))
 
 
-def read_layout(model_path: str | Path) -> ModelLayout:
-    """Read the tensor table and metadata of a GGUF file.
+# GGUF value types (the format's numbering) -> struct format of a scalar.
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+                12: "d"}  # fmt: skip
+GGUF_STRING, GGUF_ARRAY = 8, 9
+# Arrays longer than this (a vocabulary, its scores) are skipped: only their length is kept.
+GGUF_SMALL_ARRAY = 4096
 
-    gguf.GGUFReader parses every metadata value, the tokenizer's vocabulary included, with numpy:
-    about 8 s for gemma 3's 262,144 tokens on this machine. Read once and plan many times.
+
+class GGUFHeader:
+    """The metadata and tensor table of a GGUF file (v2 or v3), read from its header alone.
+
+    gguf.GGUFReader parses every value with numpy, the tokenizer's vocabulary included: about
+    8 s for gemma 3's 262,144 tokens on this machine, and the daemon plans each load. This
+    reads scalars and short arrays, skips long arrays keeping their length, and sizes tensors
+    from gguf's table of block sizes: a fraction of a second.
     """
-    import gguf
 
+    def __init__(self, path: str) -> None:
+        with (
+            open(path, "rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
+            self.data, self.offset = data, 0
+            if data[:4] != b"GGUF":
+                raise ValueError("no GGUF magic")
+            version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} is not supported")
+            self.offset = 24
+            self.metadata: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = self.string()
+                self.metadata[key] = self.value(self.unpack("<I"))
+            self.tensors: list[tuple[str, int]] = []
+            for _ in range(n_tensors):
+                name = self.string()
+                dims = [self.unpack("<Q") for _ in range(self.unpack("<I"))]
+                kind = self.unpack("<I")
+                self.unpack("<Q")  # offset of the data
+                self.tensors.append((name, tensor_bytes(dims, kind)))
+            del self.data
+
+    def unpack(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self.data, self.offset)[0]
+        self.offset += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.unpack("<Q")
+        text = bytes(self.data[self.offset : self.offset + length]).decode("utf-8", "replace")
+        self.offset += length
+        return text
+
+    def value(self, kind: int) -> Any:
+        if kind == GGUF_STRING:
+            return self.string()
+        if kind in GGUF_SCALARS:
+            return self.unpack("<" + GGUF_SCALARS[kind])
+        if kind != GGUF_ARRAY:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        item, count = self.unpack("<I"), self.unpack("<Q")
+        if count <= GGUF_SMALL_ARRAY:
+            return [self.value(item) for _ in range(count)]
+        if item in GGUF_SCALARS:
+            self.offset += count * struct.calcsize(GGUF_SCALARS[item])
+        else:
+            for _ in range(count):
+                self.skip(item)
+        return range(count)  # its length, not its contents
+
+    def skip(self, kind: int) -> None:
+        if kind == GGUF_STRING:
+            self.offset += 8 + struct.unpack_from("<Q", self.data, self.offset)[0]
+        else:
+            self.value(kind)
+
+
+def tensor_bytes(dims: list[int], kind: int) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    elements = 1
+    for dim in dims:
+        elements *= dim
+    return elements * size // block
+
+
+def read_layout(model_path: str | Path) -> ModelLayout:
+    """Read the tensor table and metadata of a GGUF file (GGUFHeader: its header only)."""
     path = str(model_path)
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # a truncated or foreign file fails in many ways inside the reader
+        header = GGUFHeader(path)
+    except Exception as exc:  # a truncated or foreign file fails in many ways
         raise FitError(f"cannot read {path} as GGUF: {exc}") from None
 
     def meta(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
+        return header.metadata.get(key)
 
     arch = meta("general.architecture")
     if not isinstance(arch, str):
@@ -203,15 +285,14 @@ def read_layout(model_path: str | Path) -> ModelLayout:
     block_bytes = [0] * n_layers
     input_bytes = output_bytes = tied_output_bytes = 0
     names: set[str] = set()
-    for tensor in reader.tensors:
-        names.add(tensor.name)
-        size = int(tensor.n_bytes)
-        block = BLOCK_TENSOR.match(tensor.name)
+    for name, size in header.tensors:
+        names.add(name)
+        block = BLOCK_TENSOR.match(name)
         if block and int(block.group(1)) < n_layers:
             block_bytes[int(block.group(1))] += size
-        elif tensor.name.startswith(INPUT_TENSORS):
+        elif name.startswith(INPUT_TENSORS):
             input_bytes += size
-            if tensor.name == "token_embd.weight":
+            if name == "token_embd.weight":
                 tied_output_bytes = size
         else:
             output_bytes += size
@@ -234,8 +315,7 @@ def read_layout(model_path: str | Path) -> ModelLayout:
     n_ff = _per_layer(meta(f"{arch}.feed_forward_length"), n_layers, 0)
     n_vocab = meta(f"{arch}.vocab_size")
     if n_vocab is None:
-        tokens = reader.get_field("tokenizer.ggml.tokens")
-        n_vocab = len(tokens.data) if tokens is not None else 0
+        n_vocab = len(meta("tokenizer.ggml.tokens") or ())
     return ModelLayout(
         path=path,
         arch=arch,

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import trio
+import zmq
 
 from ...protocol import internal
 from ...protocol.messages import SamplingParams
@@ -35,10 +36,10 @@ STATS_PERIOD_S = 1.0
 # Requests sent together start together, so one prefill step takes them all (instead of the
 # first alone and the rest a step later), and temp-0 output, which depends on the batch's shape,
 # is the same each time they are sent together. After an idle spell the first step waits for
-# the next arrival: COALESCE_GAP_S while the last infer is marked `more` (the gateway had others
-# queued behind it), COALESCE_FIRST_S for an unmarked one (one the gateway forwarded before the
-# next had reached it), COALESCE_MAX_S in all. A lone request pays COALESCE_FIRST_S.
-COALESCE_GAP_S = 0.005
+# the rest: while the last infer is marked `more` (the gateway had others queued behind it) it
+# waits for the next one however slow the gateway is (up to COALESCE_MAX_S in all); after an
+# unmarked one (the last, or one the gateway forwarded before the next reached it) only
+# COALESCE_FIRST_S. A lone request pays COALESCE_FIRST_S.
 COALESCE_FIRST_S = 0.001
 COALESCE_MAX_S = 0.03
 
@@ -71,6 +72,7 @@ class EngineActor:
             "abort": self.abort,
             "info": self.info,
             "stats": self.stats,
+            "reload": self.reload,
         }
 
     # ---- ops ---------------------------------------------------------------------------
@@ -97,6 +99,26 @@ class EngineActor:
 
     def stats(self, body: Body, caller: Caller) -> None:
         caller.reply(inference=self.core.inference_snapshot())
+
+    async def reload(self, body: Body, caller: Caller) -> None:
+        """A hot swap's new engine, once the old one is gone: the idle sessions take their
+        histories again (the old engine added to some after this one loaded them)."""
+        assert self.sessions_link is not None
+        snapshot = await self.sessions_link.request(
+            "snapshot", timeout=60.0, model=self.config.model_name
+        )
+        fresh = [
+            h
+            for h in snapshot["sessions"]
+            if self.core.sessions.get(h["session_id"]) is None
+            or self.core.sessions[h["session_id"]].job is None
+        ]
+        for history in fresh:
+            session = self.core.sessions.get(history["session_id"])
+            if session is not None:
+                self.core.slots.release(session)
+        self.core.load_histories(fresh)
+        caller.reply(sessions=len(fresh))
 
     def infer(self, body: Body, caller: Caller) -> None:
         self.next_job_id += 1
@@ -130,7 +152,10 @@ class EngineActor:
             if isinstance(event, TokenOut):
                 caller = self.callers.get(event.job_id)
                 if caller is not None:
-                    rows.setdefault(caller.peer, []).append([caller.ref, event.seq, event.content])
+                    row = [caller.ref, event.seq, event.content]
+                    if event.logprobs is not None:
+                        row.append(event.logprobs)
+                    rows.setdefault(caller.peer, []).append(row)
                 continue
             if isinstance(event, EndOut) and rows:
                 self.send_tokens(rows)
@@ -157,6 +182,7 @@ class EngineActor:
             if self.sessions_link is not None:
                 self.sessions_link.push(
                     "append",
+                    model=model,
                     session_id=event.session_id,
                     tokens=event.tokens,
                     chat=event.chat,
@@ -174,7 +200,7 @@ class EngineActor:
                 model=model,
             )
         elif isinstance(event, RequestDone):
-            monitor.push("request", **vars(event))
+            monitor.push("request", model=model, **vars(event))
         elif isinstance(event, QueueFull):
             monitor.push("event", topic="engine", kind="overloaded")
 
@@ -214,8 +240,8 @@ class EngineActor:
         deadline = trio.current_time() + COALESCE_MAX_S
         while True:
             seen = self.core.arrivals
-            gap = COALESCE_GAP_S if self.more_coming else COALESCE_FIRST_S
-            with trio.move_on_at(min(deadline, trio.current_time() + gap)):
+            until = deadline if self.more_coming else trio.current_time() + COALESCE_FIRST_S
+            with trio.move_on_at(min(deadline, until)):
                 while self.core.arrivals == seen:
                     await self.wait_for_change()
             if self.core.arrivals == seen:
@@ -251,15 +277,21 @@ class EngineActor:
 
 async def push_stats(engine: EngineActor, monitor: ActorLink, supervisor: SupervisorLink) -> None:
     """Figures for the monitor, and the heartbeat the supervisor's hang check reads."""
-    core = engine.core
+    core, config = engine.core, engine.config
     while True:
-        monitor.push("inference", inference=core.inference_snapshot())
+        monitor.push(
+            "inference",
+            model=config.model_name,
+            engine=config.engine_id,
+            inference=core.inference_snapshot(),
+        )
         supervisor.send(
             {
                 "op": "alive",
-                "actor": internal.ENGINE,
+                "actor": config.engine_id or internal.ENGINE,
                 "steps": core.steps,
                 "pending": core.pending(),
+                "sessions": len(core.sessions),
             }
         )
         await trio.sleep(STATS_PERIOD_S)
@@ -271,7 +303,8 @@ async def main(config: Config, stop: trio.Event) -> None:
     await trio.to_thread.run_sync(backend.eog_tokens)  # a vocabulary scan, once, not mid-request
     log.info(
         "model loaded",
-        model=backend.model_name,
+        model=config.model_name,
+        name=backend.model_name,
         seconds=round(time.monotonic() - started, 2),
         parallel=backend.n_seq_max,
         ctx_size=backend.n_ctx_seq,
@@ -286,11 +319,14 @@ async def main(config: Config, stop: trio.Event) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sessions_link.run)
             nursery.start_soon(monitor.run)
-            snapshot = await sessions_link.request("snapshot", timeout=60.0)
+            snapshot = await sessions_link.request(
+                "snapshot", timeout=60.0, model=config.model_name
+            )
             engine.core.load_histories(snapshot["sessions"])
             if engine.core.sessions:
                 log.info("sessions reloaded", count=len(engine.core.sessions))
-            server = engine.server = ActorServer(internal.ENGINE, config, engine.handlers)
+            name = config.engine_id or internal.ENGINE
+            server = engine.server = ActorServer(name, config, engine.handlers)
             nursery.start_soon(server.run)
             nursery.start_soon(push_stats, engine, monitor, SupervisorLink(config))
             loop_scope = trio.CancelScope()
@@ -304,7 +340,7 @@ async def main(config: Config, stop: trio.Event) -> None:
                     loop_done.set()
 
             nursery.start_soon(run_loop)
-            report_to_supervisor(config, {"op": "ready", "actor": internal.ENGINE})
+            report_to_supervisor(config, {"op": "ready", "actor": name})
             await stop.wait()
             engine.decoder.hold.set()
             loop_scope.cancel()  # the loop waits for a step in flight to complete
@@ -313,6 +349,8 @@ async def main(config: Config, stop: trio.Event) -> None:
             engine.core.abort_all()
             engine.send_events()
             await server.socket.flush(2.0)
+            await sessions_link.socket.flush(2.0)  # the histories' last appends
+            sessions_link.socket.sock.setsockopt(zmq.LINGER, 2000)  # not dropped at exit
             nursery.cancel_scope.cancel()
     finally:
         engine.decoder.stop(wait_s=10.0)  # never close the context under a decode

@@ -4,6 +4,7 @@ sockets, as the ZeroMQ gateway reaches them (never through the public frontend).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,11 +25,21 @@ from ...protocol.errors import (
 from ..actor import ActorLink, Body
 from ..config import Config
 from ..logs import EventLog
+from ..models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
 
 log = EventLog("http")
 
 # As the gateway: an engine that is restarting answers `open` once it is back.
 ENGINE_OPEN_TIMEOUT_S = 120.0
+SESSION_MODELS = 100_000  # sessions whose model is remembered (a miss asks the sessions actor)
+NO_STATS: Body = {
+    "prompt_tokens": 0,
+    "cached_tokens": 0,
+    "tokens": 0,
+    "ttft_ms": 0.0,
+    "total_ms": 0.0,
+    "tps": 0.0,
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class Client:
 class Token:
     seq: int
     content: str
+    logprobs: list[Any] | None = None  # per token of `content`, when the infer asked for them
 
 
 @dataclass
@@ -64,6 +76,7 @@ class InferStream:
     events: trio.MemoryReceiveChannel[Token | End | ProtocolError]
     ended: bool = False
     tokens: list[str] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
 
     async def next(self) -> Token | End:
         event = await self.events.receive()
@@ -74,6 +87,7 @@ class InferStream:
             self.ended = True
         else:
             self.tokens.append(event.content)
+            self.logprobs.extend(event.logprobs or ())
         return event
 
     async def collect(self) -> End:
@@ -89,13 +103,16 @@ class DaemonLink:
         self.config = config
         self.auth = ActorLink(internal.AUTH, config)
         self.sessions = ActorLink(internal.SESSIONS, config)
-        self.engine = ActorLink(internal.ENGINE, config, watch=True)
+        self.models = ModelDirectory(config, internal.HTTP)
         self.monitor = ActorLink(internal.MONITOR, config)
         self.ctx_size = config.ctx_size  # a session's context, as the engine last said
+        self.session_models: OrderedDict[str, str] = OrderedDict()  # never changes after create
+        self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            for link in (self.auth, self.sessions, self.engine, self.monitor):
+            self.nursery = nursery
+            for link in (self.auth, self.sessions, self.models, self.monitor):
                 nursery.start_soon(link.run)
 
     # ---- clients ------------------------------------------------------------------------
@@ -116,7 +133,10 @@ class DaemonLink:
     async def create_session(
         self, client: Client, model: str, system_prompt: str | None = None
     ) -> tuple[str, int]:
-        """A new session of `client` in the sessions actor and the engine: (id, ctx_size)."""
+        """A new session of `client` in the sessions actor and its model's engine (loaded on
+        demand): (id, ctx_size)."""
+        if not self.models.known(model):
+            await self.models.engine(model)  # not_found, unless --models-dir has it now
         created = await self.sessions.request(
             "create",
             client_id=client.client_id,
@@ -125,8 +145,10 @@ class DaemonLink:
             system_prompt=system_prompt,
         )
         session_id = str(created["session_id"])
+        self.remember(session_id, model)
         try:
-            opened = await self.engine.request(
+            engine = await self.models.engine(model)
+            opened = await engine.request(
                 "open",
                 timeout=ENGINE_OPEN_TIMEOUT_S,
                 session_id=session_id,
@@ -140,16 +162,33 @@ class DaemonLink:
         self.ctx_size = int(opened["ctx_size"])
         return session_id, self.ctx_size
 
+    def remember(self, session_id: str, model: str) -> None:
+        self.session_models[session_id] = model
+        if len(self.session_models) > SESSION_MODELS:
+            self.session_models.popitem(last=False)
+
+    async def model_of(self, session_id: str) -> str:
+        """The session's model (remembered, else asked of the sessions actor)."""
+        model = self.session_models.get(session_id)
+        if model is None:
+            found = await self.sessions.request("check", session_id=session_id)
+            model = str(found["model"])
+            self.remember(session_id, model)
+        return model
+
     async def close_session(self, session_id: str) -> None:
         """Close a session (a generation running in it is aborted); a gone one is no error."""
         try:
-            await self.engine.request("close", session_id=session_id)
+            engine = self.models.running_link(await self.model_of(session_id))
+            if engine is not None:
+                await engine.request("close", session_id=session_id)
         except ProtocolError as exc:
             log.debug("engine close failed", session_id=session_id, reason=exc.message)
         try:
             await self.sessions.request("remove", session_id=session_id)
         except NotFound:
             pass
+        self.session_models.pop(session_id, None)
 
     @asynccontextmanager
     async def short_session(
@@ -169,6 +208,7 @@ class DaemonLink:
         found = await self.sessions.request("check", session_id=session_id)
         if found["client_id"] != client.client_id:
             raise Forbidden("this session belongs to another client")
+        self.remember(session_id, str(found["model"]))
         return str(found["model"])
 
     async def list_sessions(self, client: Client) -> list[Body]:
@@ -178,7 +218,8 @@ class DaemonLink:
 
     async def session_tokens(self, session_id: str) -> int | None:
         """Tokens the session's context holds now (None: the engine does not know it)."""
-        info = await self.engine.request("info", session_ids=[session_id])
+        engine = await self.models.engine(await self.model_of(session_id))
+        info = await engine.request("info", session_ids=[session_id])
         found = info["sessions"].get(session_id)
         return None if found is None else int(found["tokens"])
 
@@ -193,7 +234,8 @@ class DaemonLink:
         prompt: str | None = None,
         messages: list[dict[str, str]] | None = None,
     ) -> InferStream:
-        """Start an infer; its tokens and end come on the stream's channel."""
+        """Start an infer on the session's model (loaded again first if it was unloaded); its
+        tokens and end come on the stream's channel."""
         send, receive = trio.open_memory_channel[Token | End | ProtocolError](math.inf)
         payload: Body = {
             "session_id": session_id,
@@ -206,15 +248,20 @@ class DaemonLink:
             payload["messages"] = messages
         else:
             payload["prompt"] = prompt or ""
-        ref = 0
+        started: list[tuple[ActorLink, int]] = []  # its engine and that engine's ref
 
         def on_message(body: Body) -> None:
             op = body.get("op")
             if op == internal.TOKEN:
-                send.send_nowait(Token(int(body["seq"]), str(body["content"])))
+                send.send_nowait(
+                    Token(int(body["seq"]), str(body["content"]), body.get("logprobs"))
+                )
                 return
-            self.engine.forget(ref)
-            if body.get("lost"):
+            engine, ref = started[0]
+            engine.forget(ref)
+            if body.get("unloaded"):
+                send.send_nowait(End("aborted", dict(NO_STATS), UNLOADED_MESSAGE))
+            elif body.get("lost"):
                 send.send_nowait(InternalError("the engine restarted; retry the request"))
             elif op == internal.END:
                 reason, stats = str(body["finish_reason"]), dict(body["stats"])
@@ -223,12 +270,40 @@ class DaemonLink:
                 send.send_nowait(remote_error(body))
             send.close()
 
-        ref = self.engine.stream("infer", on_message, **payload)
-        return InferStream(session_id, ref, receive)
+        stream = InferStream(session_id, 0, receive)
+        model = self.session_models.get(session_id, self.models.default)
+
+        def start(engine: ActorLink) -> None:
+            started.append((engine, 0))
+            stream.ref = engine.stream("infer", on_message, **payload)
+            started[0] = (engine, stream.ref)
+
+        async def start_when_loaded() -> None:
+            try:
+                start(await self.models.engine(model))
+            except ProtocolError as exc:
+                send.send_nowait(exc)
+                send.close()
+
+        engine = self.models.link(model)
+        if engine is not None:
+            start(engine)
+        else:
+            assert self.nursery is not None
+            self.nursery.start_soon(start_when_loaded)
+        return stream
 
     def abort(self, session_id: str) -> None:
         """Ask the engine to end a running generation (it then sends its `end`)."""
-        self.engine.push("abort", session_id=session_id)
+        engine = self.models.running_link(self.session_models.get(session_id, ""))
+        if engine is not None:
+            engine.push("abort", session_id=session_id)
+
+    async def abort_now(self, session_id: str) -> None:
+        """Abort, answered by the engine (`aborted` even when nothing runs)."""
+        engine = self.models.running_link(await self.model_of(session_id))
+        if engine is not None:
+            await engine.request("abort", session_id=session_id)
 
     async def abort_and_wait(self, stream: InferStream) -> None:
         """Abort and drain to the end, so the session is idle again when this returns."""
@@ -244,9 +319,23 @@ class DaemonLink:
     # ---- figures ------------------------------------------------------------------------
 
     async def inference_stats(self) -> Body:
-        stats = await self.engine.request("stats")
-        inference: Body = stats["inference"]
-        return inference
+        """The `inference` map, every model's figures combined (and each in `models`)."""
+        figures = await self.models.inference()
+        described = await self.models.describe()
+        return combine_inference(figures, described["models"], described["default"])
+
+    async def list_models(self) -> Body:
+        """`list_models`' answer: `sessions` counts the sessions kept for each model."""
+        described = await self.models.describe()
+        counts = (await self.sessions.request("counts"))["counts"]
+        for model in described["models"]:
+            model["sessions"] = int(counts.get(model["model"], 0))
+            model.pop("active_generations", None)
+        return described
+
+    async def load_model(self, model: str, path: str | None) -> Body:
+        fields: Body = {"model": model} if path is None else {"model": model, "path": path}
+        return await self.models.load(**fields)
 
     async def monitor_request(self, op: str, **fields: Any) -> Body:
         return await self.monitor.request(op, timeout=5.0, **fields)

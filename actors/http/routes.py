@@ -129,7 +129,7 @@ class Routes:
         self.config = config
         self.link = link
         self.state = state
-        self.models = [config.model_name]
+        self.models = link.models.names  # the known models, the default first (kept current)
         self.started = int(time.time())
         self.stored = rs.StoredConversations()
 
@@ -236,34 +236,13 @@ class Routes:
         inference = await self.link.inference_stats()
         sessions = await self.link.list_sessions(client)
         return JSONResponse(
-            {
-                "inference": inference,
-                "sessions": len(sessions),
-                "models": {self.models[0]: inference},
-            }
+            {"inference": inference, "sessions": len(sessions), "models": inference["models"]}
         )
 
     async def status(self, request: Request) -> Response:
         """The models and their state, as `list_models` answers (answered while loading too)."""
         await self.authorized(request, while_loading=True)
-        sessions = None
-        if self.state.ready:
-            sessions = (await self.link.inference_stats()).get("total_sessions", 0)
-        return JSONResponse(
-            {
-                "default": self.models[0],
-                "models": [
-                    {
-                        "model": self.models[0],
-                        "state": "loaded" if self.state.ready else "loading",
-                        "parallel": self.config.parallel,
-                        "ctx_size": self.link.ctx_size,
-                        "sessions": sessions,
-                        "memory_mb": None,
-                    }
-                ],
-            }
-        )
+        return JSONResponse(await self.link.list_models())
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text: the monitor's series, the same as --prometheus-port serves."""
@@ -272,21 +251,15 @@ class Routes:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def load_model(self, request: Request) -> Response:
-        """Admin only. This daemon serves one model: loading it again answers at once; another
-        one is `unavailable` (serving several models is the multi-model daemon's)."""
+        """Admin only: `load_model` (a known name, or a file under a name: a new model or a hot
+        swap); the answer comes once the model serves."""
         client = await self.authorized(request)
         if client.role != "admin":
             raise Forbidden("loading models is for admin clients")
         body = await self.read_json(request)
         name, path = seed.load_model_fields(body)
-        if name not in self.models:
-            raise Unavailable(
-                f"this daemon serves one model ({self.models[0]}); {name!r} cannot be loaded "
-                "while it runs"
-            )
-        if path is not None and not seed.same_file(path, self.config.model):
-            raise Unavailable(f"{name!r} is served from another file; it cannot be reloaded now")
-        return JSONResponse({"status": "loaded", "model": name, "seconds": 0.0})
+        loaded = await self.link.load_model(name, path)
+        return JSONResponse({"status": "loaded", "model": name, "seconds": loaded["seconds"]})
 
     # ---- completions --------------------------------------------------------------------
 
@@ -323,7 +296,8 @@ class Routes:
                 check_end(end)
                 text = "".join(stream.tokens)
                 build = shapes.chat_completion if chat else shapes.completion
-                return JSONResponse(build(ids, text, end.finish_reason, end.stats))
+                logprobs = stream.logprobs if generation.logprobs else None
+                return JSONResponse(build(ids, text, end.finish_reason, end.stats, logprobs))
             # The first event before the status line: an infer refused (a full queue) is a 429.
             first: Token | End = await self.watched(request, stream.next)
             if chat:
@@ -435,7 +409,7 @@ def check_end(end: End) -> None:
 
 async def outcome(
     stream: InferStream, first: Token | End
-) -> AsyncIterator[str | End | ProtocolError]:
+) -> AsyncIterator[Token | End | ProtocolError]:
     """A generation's pieces of text, then its end, or the error that ended it instead (the
     engine lost, the daemon stopping): what a stream that already said 200 must tell."""
     event = first
@@ -449,7 +423,7 @@ async def outcome(
             yield event
             return
         if event.content:
-            yield event.content
+            yield event
         try:
             event = await stream.next()
         except ProtocolError as exc:
@@ -462,8 +436,9 @@ async def chat_events(
 ) -> AsyncIterator[SseEvent]:
     yield shapes.chat_chunk(ids, {"role": "assistant", "content": ""}, None, include_usage)
     async for item in outcome(stream, first):
-        if isinstance(item, str):
-            yield shapes.chat_chunk(ids, {"content": item}, None, include_usage)
+        if isinstance(item, Token):
+            logprobs = shapes.chat_logprobs(item.logprobs)
+            yield shapes.chat_chunk(ids, {"content": item.content}, None, include_usage, logprobs)
         elif isinstance(item, ProtocolError):
             yield shapes.error_of(item)  # the openai package raises it as an APIError
         else:
@@ -476,9 +451,13 @@ async def chat_events(
 async def completion_events(
     ids: ReplyIds, stream: InferStream, first: Token | End, include_usage: bool
 ) -> AsyncIterator[SseEvent]:
+    offset = 0  # where the next token starts in the whole text (legacy logprobs' text_offset)
     async for item in outcome(stream, first):
-        if isinstance(item, str):
-            yield shapes.completion_chunk(ids, item, None)
+        if isinstance(item, Token):
+            logprobs = shapes.completion_logprobs(item.logprobs, offset)
+            if logprobs is not None:
+                offset += sum(len(token) for token in logprobs["tokens"])
+            yield shapes.completion_chunk(ids, item.content, None, logprobs)
         elif isinstance(item, ProtocolError):
             yield shapes.error_of(item)
         else:
@@ -496,8 +475,8 @@ async def response_events(
     for item in events.opening():
         yield item
     async for piece in outcome(stream, first):
-        if isinstance(piece, str):
-            yield events.delta(piece)
+        if isinstance(piece, Token):
+            yield events.delta(piece.content)
         elif isinstance(piece, ProtocolError):
             yield events.failed(shapes.error_of(piece)["error"])
         else:

@@ -286,7 +286,7 @@ class Connection:
 
     async def abort(self, body: Body) -> None:
         session_id = await self.owned_session(body)
-        await self.link.engine.request("abort", session_id=session_id)
+        await self.link.abort_now(session_id)
 
     async def subscribe_metrics(self, body: Body) -> None:
         if self.metrics is None:
