@@ -25,14 +25,24 @@ def next_word(history: Sequence[int]) -> int:
 
 
 class FakeSampler:
-    def __init__(self, backend: FakeBackend) -> None:
+    def __init__(self, backend: FakeBackend, params: SamplingParams | None = None) -> None:
         self.backend = backend
+        self.params = params or SamplingParams()
         self.freed = False
 
     def sample(self, batch_index: int) -> int:
         assert not self.freed, "a freed sampler was used"
         seq_id = self.backend.logits[batch_index]
         return self.backend.continuation(self.backend.kv[seq_id])
+
+    def logprobs(
+        self, batch_index: int, token: int
+    ) -> tuple[float, tuple[tuple[int, float], ...]] | None:
+        """When asked for: the sampled token certain, and after it `logprobs` tokens of -9."""
+        top = self.params.logprobs
+        if top is None:
+            return None
+        return 0.0, ((token, 0.0), *((EOG, -9.0) for _ in range(top - 1)))[:top]
 
     def free(self) -> None:
         self.freed = True
@@ -113,4 +123,9 @@ class FakeBackend:
         self.restores += 1
 
     def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> FakeSampler:
-        return FakeSampler(self)
+        return FakeSampler(self, params)
+
+    def check_grammar(self, grammar: str) -> None:
+        """The fake llama.cpp refuses a grammar without a `root` rule."""
+        if "root ::=" not in grammar:
+            raise ValueError("no root rule")

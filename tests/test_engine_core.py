@@ -17,8 +17,8 @@ from inferencecenter.actors.engine.core import EngineCore
 from inferencecenter.actors.engine.jobs import EndOut, HistoryAppend, Job, TokenOut
 from inferencecenter.actors.engine.scheduling import RowPadding
 from inferencecenter.actors.engine.worker import Step, StepResult, execute_step, run_step
-from inferencecenter.protocol.errors import Busy, NotFound, Overloaded
-from inferencecenter.protocol.messages import SamplingParams
+from inferencecenter.protocol.errors import BadRequest, Busy, NotFound, Overloaded
+from inferencecenter.protocol.messages import MAX_GRAMMAR_BYTES, SamplingParams
 
 from .fake_backend import EOG, FakeBackend
 
@@ -362,6 +362,60 @@ def test_a_failed_decode_ends_its_jobs_with_error_and_the_session_goes_on() -> N
     again = infer(core, "s", prompt="retry")
     run_to_idle(core, backend)
     assert ends(core.take_events())[again.job_id].finish_reason == "length"
+
+
+# ---- grammars and log-probabilities --------------------------------------------------------
+
+
+def test_a_grammar_llama_cpp_refuses_is_bad_request_and_changes_nothing() -> None:
+    core, _, _ = make_core()
+    s = open_session(core, "s")
+    core.take_events()
+    with pytest.raises(BadRequest, match="grammar"):
+        infer(core, s, grammar='start ::= "x"')
+    with pytest.raises(BadRequest, match="longer than"):
+        infer(core, s, grammar="root ::= " + "x" * MAX_GRAMMAR_BYTES)
+    assert core.sessions[s].tokens.tolist() == [] and core.sessions[s].job is None
+    assert core.take_events() == [] and len(core.queue) == 0
+
+
+def test_with_a_grammar_end_of_generation_ends_it_even_with_ignore_eos() -> None:
+    """A complete grammar allows only end-of-generation tokens: they end the generation (with
+    `stop`), and the decode thread stops there too."""
+    core, backend, _ = make_core()
+    backend.continuation = lambda history: EOG if len(history) > 4 else 20
+    job = infer(core, open_session(core, "s"), max_tokens=50, ignore_eos=True, grammar="root ::= x")
+    step_once(core, backend)
+    step = core.plan_step()
+    assert step is not None and step.eog_stops == [True]
+    step_and_apply(core, backend, step)
+    run_to_idle(core, backend)
+    end = ends(core.take_events())[job.job_id]
+    assert end.finish_reason == "stop" and end.stats["tokens"] < 50
+
+
+def test_logprobs_travel_with_the_text_of_their_tokens() -> None:
+    """Each token's log-probabilities come with the piece of text that completes it (a piece held
+    back for a stop string brings them later); the end-of-generation token has none; a job that
+    did not ask gets none."""
+    core, backend, _ = make_core()
+    backend.continuation = lambda history: EOG if len(history) > 8 else 20
+    asked = infer(
+        core, open_session(core, "a"), prompt="one", max_tokens=20, stop=[" w20 x"], logprobs=2
+    )
+    plain = infer(core, open_session(core, "b"), prompt="one", max_tokens=20)
+    run_to_idle(core, backend)
+    events = core.take_events()
+    pieces = [e for e in events if isinstance(e, TokenOut) and e.job_id == asked.job_id]
+    rows = [row for piece in pieces for row in piece.logprobs or []]
+    assert len(rows) == asked.generated - 1  # all but the end-of-generation token
+    assert b"".join(row[0] for row in rows).decode() == text_of(events, asked)
+    assert all(len(row[2]) == 2 and row[2][0] == [row[0], 0.0] for row in rows)
+    assert pieces[0].logprobs is not None and len(pieces[0].logprobs) == 2  # one was held back
+    assert all(
+        e.logprobs is None for e in events if isinstance(e, TokenOut) and e.job_id == plain.job_id
+    )
+    assert ends(events)[asked.job_id].finish_reason == "stop"
 
 
 # ---- the durable record gets only what is new -----------------------------------------------

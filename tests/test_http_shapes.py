@@ -53,10 +53,14 @@ def test_text_parts_are_joined_and_other_parts_refused() -> None:
     [
         ("n", 2),
         ("echo", True),
-        ("logprobs", True),
+        ("logprobs", "yes"),
+        ("top_logprobs", 21),
+        ("top_logprobs", 2),  # without logprobs: true
         ("logit_bias", {"1": 2}),
-        ("frequency_penalty", 0.1),
-        ("response_format", {"type": "json_object"}),
+        ("frequency_penalty", 2.5),
+        ("presence_penalty", "high"),
+        ("response_format", {"type": "grammar"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
         ("tools", [{"type": "function"}]),
         ("mirostat", 1),
         ("temperature", -0.1),
@@ -73,6 +77,93 @@ def test_unserved_or_bad_fields_are_refused_with_their_name(field: str, value: A
     with pytest.raises(FieldError) as caught:
         shapes.parse_chat({"messages": USER, field: value})
     assert caught.value.param == field and caught.value.code == "bad_request"
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 16}, "sunny": {"type": "boolean"}},
+    "required": ["city", "sunny"],
+    "additionalProperties": False,
+}
+
+
+def test_response_formats_become_grammars() -> None:
+    def grammar_of(response_format: Any) -> str | None:
+        chat = shapes.parse_chat({"messages": USER, "response_format": response_format})
+        return chat.infer_params(ctx_size=64).get("grammar")
+
+    assert grammar_of({"type": "text"}) is None
+    assert "root ::= object" in str(grammar_of({"type": "json_object"}))
+    schema = grammar_of({"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA}})
+    assert 'root ::= "{" space city-kv "," space sunny-kv "}" space' in str(schema)
+    # JSON strings hold no raw control characters (the converter's own rule allowed them).
+    assert "\\x00-\\x1F" in str(schema)
+    # The Responses API's text.format has the schema beside its type.
+    ask = rs.parse_request(
+        {"input": "x", "text": {"format": {"type": "json_schema", "name": "w", "schema": SCHEMA}}}
+    )
+    assert ask.infer_params(64)["grammar"] == schema
+    assert ask.echo["text"]["format"]["schema"] == SCHEMA
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"type": "integer", "minimum": 3}, "'minimum'"),
+        ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}]}}}, "'oneOf'"),
+        ({"type": "nosuchtype"}, "cannot be converted"),
+        ({"type": "string", "pattern": "abc"}, "cannot be converted"),
+        ([1, 2], "must be an object"),
+    ],
+)
+def test_schemas_that_cannot_be_enforced_are_refused(schema: Any, says: str) -> None:
+    with pytest.raises(FieldError) as caught:
+        shapes.parse_chat(
+            {
+                "messages": USER,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": schema},
+                },
+            }
+        )
+    assert caught.value.param == "response_format" and says in caught.value.message
+
+
+def test_logprobs_fields_and_shapes() -> None:
+    chat = shapes.parse_chat({"messages": USER, "logprobs": True, "top_logprobs": 2})
+    assert chat.infer_params(64)["logprobs"] == 2 and chat.logprobs
+    assert shapes.parse_chat({"messages": USER, "logprobs": True}).params["logprobs"] == 0
+    assert "logprobs" not in shapes.parse_chat({"messages": USER}).infer_params(64)
+    assert shapes.parse_completion({"prompt": "x", "logprobs": 3}).params["logprobs"] == 3
+    with pytest.raises(FieldError):
+        shapes.parse_completion({"prompt": "x", "logprobs": 6})
+    rows = [[b" Hel", -0.5, [[b" Hel", -0.5], [b" Hi", -1.5]]], [b"\xe2", -2.0, []]]
+    entries = shapes.chat_logprobs(rows)["content"]  # type: ignore[index]
+    assert entries[0] == {
+        "token": " Hel",
+        "logprob": -0.5,
+        "bytes": [32, 72, 101, 108],
+        "top_logprobs": [
+            {"token": " Hel", "logprob": -0.5, "bytes": [32, 72, 101, 108]},
+            {"token": " Hi", "logprob": -1.5, "bytes": [32, 72, 105]},
+        ],
+    }
+    assert entries[1]["token"] == "\ufffd" and entries[1]["bytes"] == [0xE2]
+    legacy = shapes.completion_logprobs(rows, offset=10)
+    assert legacy == {
+        "tokens": [" Hel", "\ufffd"],
+        "token_logprobs": [-0.5, -2.0],
+        "top_logprobs": [{" Hel": -0.5, " Hi": -1.5}, {}],
+        "text_offset": [10, 14],
+    }
+
+
+def test_penalties_are_params_of_the_http_api_only() -> None:
+    params = shapes.parse_chat(
+        {"messages": USER, "presence_penalty": 0.5, "frequency_penalty": -1}
+    ).infer_params(64)
+    assert params["presence_penalty"] == 0.5 and params["frequency_penalty"] == -1.0
 
 
 def test_null_means_not_given() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import secrets
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from ...protocol.messages import SamplingParams
 
@@ -23,8 +25,17 @@ LOG_ENV = "INFERENCECENTER_LLAMA_LOG"
 # word in square brackets; HTML tags have no `_`.
 USER_DEFINED = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
 MARKER = re.compile(rb"<[a-z]+(?:_[a-z]+)+>|\[[a-z]+\]")
-# Tokens whose history the repeat penalty looks at.
+# Tokens whose history the penalties (repeat, frequency, presence) look at.
 PENALTY_LAST_N = 64
+# How many of the most likely tokens a grammar is asked about first (Sampler._sample_constrained;
+# llama.cpp's top-k sorts up to 128 in place, more by buckets, ten times slower).
+GRAMMAR_CUT = 128
+# Up to this many tokens that may come next, the grammar is asked about them all at once.
+GRAMMAR_FEW = 16384
+# llama_token_data as numpy sees it.
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+# A sampled token's log-probability, and the most likely tokens' (id, log-probability).
+Logprobs = tuple[float, tuple[tuple[int, float], ...]]
 
 
 class ModelLoadError(Exception):
@@ -133,6 +144,10 @@ class LlamaBackend:
         self._outputs: Sequence[BatchEntry] = ()
         self._eog_tokens: tuple[int, ...] | None = None
         self._marker_tokens: tuple[int, ...] | None = None
+        self._candidates: Candidates | None = None
+        self._probes: Candidates | None = None
+        self._vocab_bytes: VocabBytes | None = None
+        self._scratch: Any = None
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
@@ -308,6 +323,78 @@ class LlamaBackend:
         self._require_open()
         return Sampler(self, params, history)
 
+    def grammar_sampler(self, grammar: str) -> Any:
+        """llama.cpp's grammar sampler for GBNF text whose first rule is `root`."""
+        self._require_open()
+        if not grammar or "\0" in grammar:
+            raise GrammarError("the grammar is empty or holds a NUL character")
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise GrammarError(
+                "llama.cpp refused the grammar (a syntax error, an undefined rule, left "
+                "recursion, no `root` rule, or a repetition beyond 2000)"
+            )
+        return sampler
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise GrammarError unless llama.cpp takes the grammar (checked when an infer
+        arrives, so that a bad one is refused before it waits for a slot)."""
+        llama_cpp.llama_sampler_free(self.grammar_sampler(grammar))
+        self.vocab_bytes()
+
+    def candidates(self) -> Candidates:
+        """The decode thread's one array of candidates for grammar sampling (3 MB for gemma)."""
+        if self._candidates is None:
+            self._candidates = Candidates(self.n_vocab)
+        return self._candidates
+
+    def probes(self) -> Candidates:
+        """The decode thread's array for asking a grammar which bytes may come next."""
+        if self._probes is None:
+            self._probes = Candidates(256)
+        return self._probes
+
+    def vocab_bytes(self) -> VocabBytes:
+        """The vocabulary by the first byte of each token's piece as llama.cpp's grammar reads
+        it, for grammar sampling: a pass over it (0.3 s for gemma's 262,144 tokens, twice that
+        on a busy machine), made by the first grammar's check, when its infer arrives, rather
+        than at every start of an engine that may never see a grammar."""
+        if self._vocab_bytes is None:
+            self._require_open()
+            eog = set(self.eog_tokens())
+            vocab, size = self._vocab, 256
+            piece_of, buffer = llama_cpp.llama_token_to_piece, ctypes.create_string_buffer(size)
+            first_byte = np.full(self.n_vocab, 256, dtype=np.int16)  # 256: none, or an end token
+            alone: dict[int, int] = {}  # byte -> a token that is that byte alone
+            for token in range(self.n_vocab):
+                if token in eog:
+                    continue
+                n = piece_of(vocab, token, buffer, size, 0, True)  # the grammar's piece
+                if n < 0:  # longer than the buffer
+                    longer = ctypes.create_string_buffer(-n)
+                    piece_of(vocab, token, longer, -n, 0, True)
+                    first_byte[token] = longer[0][0]
+                elif n > 0:
+                    byte = buffer[0][0]
+                    first_byte[token] = byte
+                    if n == 1:
+                        alone.setdefault(byte, token)
+            by_byte = np.argsort(first_byte, kind="stable").astype(np.int32)
+            self._vocab_bytes = VocabBytes(
+                by_byte,
+                np.searchsorted(first_byte[by_byte], np.arange(258)),
+                np.array(list(alone.values()), dtype=np.int32),
+                np.array(list(alone.keys()), dtype=np.int16),
+                np.array(sorted(eog), dtype=np.int32),
+            )
+        return self._vocab_bytes
+
+    def scratch(self) -> Any:
+        """The decode thread's float32 array of n_vocab, for log-probabilities."""
+        if self._scratch is None:
+            self._scratch = np.empty(self.n_vocab, np.float32)
+        return self._scratch
+
     def eog_tokens(self) -> tuple[int, ...]:
         """Every end-of-generation token (gemma has three: <eos>, <end_of_turn>, </s>)."""
         if self._eog_tokens is None:
@@ -371,27 +458,122 @@ class LlamaBackend:
         return text.decode("utf-8", "replace") if text else ""
 
 
+class GrammarError(ValueError):
+    """llama.cpp refused a grammar."""
+
+
+@dataclass(frozen=True)
+class VocabBytes:
+    """What grammar sampling needs to know of the vocabulary: the tokens by the first byte of
+    their piece as the grammar reads it (`by_byte[starts[b]:starts[b + 1]]`; byte 256: an empty
+    piece, and the end tokens, which the grammar judges apart), a token that is one byte alone
+    for each byte that has one (to ask the grammar which bytes may come next), the end tokens."""
+
+    by_byte: Any  # int32 token ids
+    starts: Any  # int64, 258 offsets into by_byte
+    probe_tokens: Any  # int32
+    probe_bytes: Any  # int16, the byte each probe token is
+    eog: Any  # int32 token ids
+
+    def count_starting_with(self, allowed: Any) -> int:
+        """How many tokens `tokens_starting_with` gives."""
+        counts = self.starts[1:257] - self.starts[:256]
+        return int(counts[allowed[:256]].sum()) + len(self.eog)
+
+    def tokens_starting_with(self, allowed: Any) -> Any:
+        """The tokens whose first byte is allowed (a bool per byte), and the end tokens."""
+        starts, by_byte = self.starts, self.by_byte
+        parts = [by_byte[starts[b] : starts[b + 1]] for b in np.flatnonzero(allowed[:256])]
+        return np.concatenate([*parts, self.eog])
+
+
+class Candidates:
+    """A llama_token_data_array held by numpy: the grammar's sampling applies its samplers one
+    by one, where llama_sampler_sample fills such an array inside C for a whole chain."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = np.zeros(size, TOKEN_DATA)
+        self.ids = np.arange(size, dtype=np.int32)
+        self.array = llama_cpp.llama_token_data_array()
+        self.ref = ctypes.byref(self.array)
+
+    def fill(self, logits: Any) -> None:
+        """Every token, with one row's logits (token i at entry i)."""
+        self.load(self.ids, np.ctypeslib.as_array(logits, shape=(len(self.ids),)))
+
+    def load(self, ids: Any, logits: Any) -> None:
+        # `p` is left as it is: every sampler that reads it computes it first.
+        buffer = self.buffer
+        buffer["id"][: len(ids)] = ids
+        buffer["logit"][: len(ids)] = logits
+        array: Any = self.array
+        array.data = buffer.ctypes.data_as(llama_cpp.llama_token_data_p)
+        array.size = len(ids)
+        array.selected = -1
+        array.sorted = False
+
+    def apply(self, sampler: Any) -> None:
+        llama_cpp.llama_sampler_apply(sampler, self.ref)
+
+    def entries(self) -> Any:
+        """The entries the samplers left (a sampler may shrink `size` or move `data`)."""
+        return np.ctypeslib.as_array(self.array.data, shape=(self.array.size,))
+
+    def drop_refused(self) -> Any:
+        """Remove the entries set to -inf (what the grammar refuses), keeping their order;
+        returns the logits left."""
+        entries = self.entries()
+        allowed = entries[np.isfinite(entries["logit"])]
+        entries[: len(allowed)] = allowed
+        self.array.size = len(allowed)
+        return allowed["logit"]
+
+
+def _new_chain() -> Any:
+    return llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+
 class Sampler:
-    """One llama.cpp sampler chain, for one generation of one sequence."""
+    """One generation's sampling, for one sequence: a llama.cpp sampler chain, or with a
+    grammar the same samplers around llama.cpp's grammar sampler (`_sample_constrained`)."""
 
     def __init__(
         self, backend: LlamaBackend, params: SamplingParams, history: Sequence[int]
     ) -> None:
         self._backend = backend
-        self._chain: Any = llama_cpp.llama_sampler_chain_init(
-            llama_cpp.llama_sampler_chain_default_params()
-        )
+        self._params = params
+        self._top_logprobs = params.logprobs
+        self._chain: Any = None  # without a grammar: everything, for llama_sampler_sample
+        # With a grammar: logit biases and penalties, a cut to the most likely tokens, the
+        # grammar, then top-k, top-p, min-p, temperature and the draw.
+        self._head: Any = None
+        self._cut: Any = None
+        self._grammar: Any = None
+        self._tail: Any = None
         # Arrays handed to C stay referenced for the chain's lifetime.
         self._keep: list[Any] = []
         try:
-            self._build(params, history)
+            if params.grammar is None:
+                self._chain = _new_chain()
+                self._add_head(self._chain, params, history)
+                self._add_tail(self._chain, params)
+            else:
+                self._head = _new_chain()
+                self._add_head(self._head, params, history)
+                self._cut = llama_cpp.llama_sampler_init_top_k(GRAMMAR_CUT)
+                self._grammar = backend.grammar_sampler(params.grammar)
+                self._tail = _new_chain()
+                self._add_tail(self._tail, params)
         except BaseException:
             self.free()
             raise
 
-    def _build(self, params: SamplingParams, history: Sequence[int]) -> None:
-        backend, chain = self._backend, self._chain
-        banned = backend.marker_tokens() + (backend.eog_tokens() if params.ignore_eos else ())
+    def _add_head(self, chain: Any, params: SamplingParams, history: Sequence[int]) -> None:
+        """What changes single logits: banned tokens, penalties."""
+        backend = self._backend
+        banned = backend.marker_tokens()
+        if not params.stops_at_eog:
+            banned += backend.eog_tokens()
         if banned:
             biases = (llama_cpp.llama_logit_bias * len(banned))(
                 *(llama_cpp.llama_logit_bias(token, float("-inf")) for token in banned)
@@ -401,47 +583,145 @@ class Sampler:
                 chain,
                 llama_cpp.llama_sampler_init_logit_bias(backend.n_vocab, len(banned), biases),
             )
-        if params.repeat_penalty != 1.0:
+        repeat, frequency, presence = (
+            params.repeat_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        )
+        if repeat != 1.0 or frequency != 0.0 or presence != 0.0:
             penalties = llama_cpp.llama_sampler_init_penalties(
-                backend.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0
+                backend.n_vocab, PENALTY_LAST_N, repeat, frequency, presence
             )
             llama_cpp.llama_sampler_chain_add(chain, penalties)
             # Only the penalty sampler needs the history; priming it alone leaves the rest as new.
             for token in list(history)[-PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(penalties, token)
+
+    def _add_tail(self, chain: Any, params: SamplingParams) -> None:
+        """What chooses among the candidates: truncations, temperature, the draw."""
         if params.temp <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                llama_cpp.llama_sampler_chain_add(
-                    chain, llama_cpp.llama_sampler_init_top_k(params.top_k)
-                )
+            return
+        if params.top_k > 0:
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
+                chain, llama_cpp.llama_sampler_init_top_k(params.top_k)
             )
-            if params.min_p > 0:
-                llama_cpp.llama_sampler_chain_add(
-                    chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
-                )
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temp))
-            seed = params.seed if params.seed is not None else secrets.randbits(32)
+        llama_cpp.llama_sampler_chain_add(
+            chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
+        )
+        if params.min_p > 0:
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+                chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
             )
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temp))
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        llama_cpp.llama_sampler_chain_add(
+            chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+        )
 
     def sample(self, batch_index: int) -> int:
         """Sample (and accept) a token from batch position `batch_index` of the last decode."""
         backend = self._backend
-        if self._chain is None or backend._ctx is None:
+        if (self._chain is None and self._tail is None) or backend._ctx is None:
             raise RuntimeError("the sampler or its backend is closed")
         if not backend.has_logits(batch_index):
             # llama.cpp would GGML_ASSERT on missing logits and kill the process.
             raise ValueError(f"batch position {batch_index} has no logits from the last decode")
-        return int(llama_cpp.llama_sampler_sample(self._chain, backend._ctx, batch_index))
+        if self._chain is not None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, backend._ctx, batch_index))
+        return self._sample_constrained(batch_index)
+
+    def _sample_constrained(self, batch_index: int) -> int:
+        """The grammar acts as the chain's first sampler would, without asking it about all of
+        gemma's 262,144 tokens (100 ms a token, in the step every stream waits for). It is
+        asked first which bytes may come next, with a token of each byte alone; it refuses
+        every token that starts with another. When that leaves few tokens (it wants a quote, a
+        digit, `true`), it is asked about those. When it leaves many (inside a string), about
+        the GRAMMAR_CUT most likely tokens first: if what it allows among them is all that
+        greedy, top-k or min-p could keep of what it allows anywhere, that decides."""
+        backend = self._backend
+        candidates = backend.candidates()
+        logits = llama_cpp.llama_get_logits_ith(backend._ctx, batch_index)
+        vocab = backend.vocab_bytes()
+        starting = self._bytes_allowed_next()
+        decided = False
+        if vocab.count_starting_with(starting) > GRAMMAR_FEW:
+            candidates.fill(logits)
+            candidates.apply(self._head)
+            candidates.apply(self._cut)
+            floor = float(candidates.entries()["logit"][-1])  # no token outside is more likely
+            candidates.apply(self._grammar)
+            allowed = candidates.drop_refused()
+            decided = self._cut_decides(allowed, floor)
+        if not decided:
+            possible = vocab.tokens_starting_with(starting)
+            raw = np.ctypeslib.as_array(logits, shape=(backend.n_vocab,))
+            candidates.load(possible, raw[possible])
+            candidates.apply(self._head)
+            candidates.apply(self._grammar)
+            allowed = candidates.drop_refused()
+        if len(allowed) == 0:
+            # Nothing is allowed (a grammar with a dead end): an end-of-generation token ends
+            # it; accepting a token the grammar refuses would abort the process.
+            return backend.eog_tokens()[0]
+        candidates.apply(self._tail)
+        token = int(candidates.entries()["id"][candidates.array.selected])
+        for sampler in (self._head, self._grammar, self._tail):
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return token
+
+    def _bytes_allowed_next(self) -> Any:
+        """Per byte (and 256: none), whether the grammar allows a token to start with it (a
+        byte without a token of its own counts as allowed)."""
+        backend = self._backend
+        vocab = backend.vocab_bytes()
+        probes = backend.probes()
+        probes.load(vocab.probe_tokens, 0.0)
+        probes.apply(self._grammar)
+        refused = vocab.probe_bytes[~np.isfinite(probes.entries()["logit"])]
+        allowed = np.ones(257, dtype=bool)
+        allowed[256] = False
+        allowed[refused] = False
+        return allowed
+
+    def _cut_decides(self, allowed: Any, floor: float) -> bool:
+        """Whether the tokens the grammar allows among the cut are all the tail would keep of
+        what it allows in the whole vocabulary (every token outside has a logit <= floor)."""
+        params = self._params
+        if len(allowed) == 0:
+            return False
+        if params.temp <= 0 or 0 < params.top_k <= len(allowed):
+            return True
+        return params.min_p > 0 and floor < float(allowed.max()) + math.log(params.min_p)
+
+    def logprobs(self, batch_index: int, token: int) -> Logprobs | None:
+        """When asked for: the row's log-softmax (the model's distribution, before sampling)
+        at the sampled token, and the `logprobs` most likely tokens with theirs."""
+        top = self._top_logprobs
+        if top is None:
+            return None
+        backend = self._backend
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(backend._ctx, batch_index), shape=(backend.n_vocab,)
+        )
+        scratch = backend.scratch()
+        peak = float(logits.max())
+        np.subtract(logits, peak, out=scratch)
+        # Below e**-50 a token adds nothing to the sum, and exp of such values is slow.
+        np.maximum(scratch, -50.0, out=scratch)
+        total = peak + math.log(float(np.exp(scratch, out=scratch).sum()))
+        best: tuple[tuple[int, float], ...] = ()
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = tuple((int(i), float(logits[i]) - total) for i in ids)
+        return float(logits[token]) - total, best
 
     def free(self) -> None:
-        """Free the chain (and the samplers it owns); safe to call twice."""
-        if self._chain is not None:
-            llama_cpp.llama_sampler_free(self._chain)
-            self._chain = None
-            self._keep.clear()
+        """Free the chains and samplers; safe to call twice."""
+        for name in ("_chain", "_head", "_cut", "_grammar", "_tail"):
+            sampler = getattr(self, name)
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+                setattr(self, name, None)
+        self._keep.clear()

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ...protocol.errors import BadRequest, Busy, NotFound, Overloaded
-from ...protocol.messages import SamplingParams
+from ...protocol.messages import MAX_GRAMMAR_BYTES, SamplingParams
 from ..config import Config
 from ..logs import EventLog
-from .backend import DecodeError
+from .backend import DecodeError, Logprobs
 from .chat import ChatRenderer
 from .jobs import (
     Backend,
@@ -158,6 +158,8 @@ class EngineCore:
         session = self.known(session_id)
         if session.job is not None:
             raise Busy("this session is still generating; abort it or wait for its end")
+        if params.grammar is not None:
+            self.check_grammar(params.grammar)
         job = Job(job_id, session, params, client_id, messages, priority, t_arrival=self.clock())
         fresh = reset or not session.tokens
         new_tokens, prefix = self.input_tokens(session, fresh, prompt, messages)
@@ -189,6 +191,14 @@ class EngineCore:
         self.arrivals += 1
         self.on_change()
         return job
+
+    def check_grammar(self, grammar: str) -> None:
+        if len(grammar.encode("utf-8", "surrogatepass")) > MAX_GRAMMAR_BYTES:
+            raise BadRequest(f"the grammar is longer than {MAX_GRAMMAR_BYTES} bytes")
+        try:
+            self.backend.check_grammar(grammar)
+        except ValueError as exc:
+            raise BadRequest(f"grammar: {exc}") from None
 
     def load_histories(self, histories: list[dict[str, Any]]) -> None:
         """Sessions of an earlier engine life: their KV is rebuilt on their next infer."""
@@ -300,7 +310,7 @@ class EngineCore:
         prompts_wait = any(job.state == "prefill" for job in self.active)
         if decode_only and not prompts_wait and len(sample_at) == len(entries):
             step.rows_left = [self.steps_left(job) for job, _, _ in plan]
-            step.eog_stops = [not job.params.ignore_eos for job, _, _ in plan]
+            step.eog_stops = [job.params.stops_at_eog for job, _, _ in plan]
         self.in_flight = plan
         return step
 
@@ -335,6 +345,10 @@ class EngineCore:
             index: token
             for (_, index), token in zip(result.step.sample_at, result.tokens, strict=True)
         }
+        logprobs_at = {
+            index: logprobs
+            for (_, index), logprobs in zip(result.step.sample_at, result.logprobs, strict=True)
+        }
         outputs = 0
         for job, added, logits_index in plan:
             job.session.n_past += added
@@ -347,7 +361,7 @@ class EngineCore:
             outputs += 1
             if not job.aborted and job.session.job is job and logits_index in token_at:
                 job.state = "generating"
-                self.accept_token(job, token_at[logits_index], now)
+                self.accept_token(job, token_at[logits_index], now, logprobs_at[logits_index])
         self.finish_aborted()
         entries = len(result.step.entries)
         self.planner.observe(
@@ -378,7 +392,7 @@ class EngineCore:
             session.n_past += 1
             job.next_token = None
             if job.state == "generating" and not job.aborted and session.job is job:
-                self.accept_token(job, result.tokens[index], now)
+                self.accept_token(job, result.tokens[index], now, result.logprobs[index])
         self.finish_aborted()
         self.planner.step_cost.observe(len(plan) + result.pads_used, 0, result.ms)
         if not self.going_on:
@@ -426,7 +440,9 @@ class EngineCore:
 
     # ---- tokens out, ends ---------------------------------------------------------------
 
-    def accept_token(self, job: Job, token: int, now: float) -> None:
+    def accept_token(
+        self, job: Job, token: int, now: float, logprobs: Logprobs | None = None
+    ) -> None:
         session = job.session
         session.tokens.append(token)
         job.generated += 1
@@ -434,10 +450,13 @@ class EngineCore:
         self.recent_tokens.append(now)
         if job.t_first is None:
             job.t_first = now
-        if self.backend.is_eog(token) and not job.params.ignore_eos:
+        if self.backend.is_eog(token) and job.params.stops_at_eog:
             self.finish(job, "stop")
             return
-        text, stopped = job.text.push(self.backend.token_bytes(token))
+        piece = self.backend.token_bytes(token)
+        if logprobs is not None:
+            job.logprobs.append(self.logprobs_row(piece, logprobs))
+        text, stopped = job.text.push(piece)
         if text:
             self.send_token(job, text)
         if stopped:
@@ -449,8 +468,18 @@ class EngineCore:
         else:
             job.next_token = token
 
+    def logprobs_row(self, piece: bytes, logprobs: Logprobs) -> list[Any]:
+        """A token's log-probabilities as they travel: [bytes, logprob, [[bytes, logprob], ...]]."""
+        chosen, best = logprobs
+        token_bytes = self.backend.token_bytes
+        return [piece, chosen, [[token_bytes(token), value] for token, value in best]]
+
     def send_token(self, job: Job, text: str) -> None:
-        self.events.append(TokenOut(job.job_id, job.seq, text))
+        """A piece of text, with the log-probabilities of the tokens it completes (if asked)."""
+        logprobs = None
+        if job.logprobs:
+            logprobs, job.logprobs = job.logprobs, []
+        self.events.append(TokenOut(job.job_id, job.seq, text, logprobs))
         job.reply_text.append(text)
         job.seq += 1
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ...protocol.messages import SamplingParams
-from .backend import BatchEntry
+from .backend import BatchEntry, Logprobs
 from .text import TextStream
 
 
@@ -22,6 +22,8 @@ class Sampler(Protocol):
     """One generation's sampler chain (C, in the real backend)."""
 
     def sample(self, batch_index: int) -> int: ...
+
+    def logprobs(self, batch_index: int, token: int) -> Logprobs | None: ...
 
     def free(self) -> None: ...
 
@@ -56,6 +58,8 @@ class Backend(Protocol):
     def seq_restore(self, seq_id: int, data: bytes) -> None: ...
 
     def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler: ...
+
+    def check_grammar(self, grammar: str) -> None: ...
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Job:
     seq: int = 0
     aborted: bool = False
     reply_text: list[str] = field(default_factory=list)
+    logprobs: list[list[Any]] = field(default_factory=list)  # of tokens whose text is held back
     prompt_tokens: int = 0
     cached_tokens: int = 0
     t_arrival: float = field(default_factory=time.monotonic)
@@ -111,11 +116,14 @@ class Job:
 
 @dataclass(frozen=True)
 class TokenOut:
-    """Text for the client of job `job_id` (the `seq`-th piece of its stream)."""
+    """Text for the client of job `job_id` (the `seq`-th piece of its stream); with `logprobs`
+    when the infer asked for them: per token of the piece, [bytes, logprob, [[bytes, logprob],
+    ...]] (the most likely tokens)."""
 
     job_id: int
     seq: int
     content: str
+    logprobs: list[list[Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .backend import BatchEntry
+from .backend import BatchEntry, Logprobs
 
 if TYPE_CHECKING:
     from .jobs import Backend, Sampler
@@ -68,6 +68,7 @@ class Step:
 class StepResult:
     step: Step
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[Logprobs | None] = field(default_factory=list)  # per token, when asked
     spoilt: list[int] = field(default_factory=list)  # slots whose padding could not be removed
     pads_used: int = 0
     ms: float = 0.0  # decode and sampling
@@ -75,7 +76,7 @@ class StepResult:
     continued: bool = False  # the thread went on to the step after this one
 
 
-RunStep = Callable[[Step], tuple[list[int], list[int], int]]
+RunStep = Callable[[Step], tuple[list[int], list[Logprobs | None], list[int], int]]
 
 
 def run_step(run: RunStep, step: Step) -> StepResult:
@@ -83,7 +84,7 @@ def run_step(run: RunStep, step: Step) -> StepResult:
     result = StepResult(step)
     started = time.perf_counter()
     try:
-        result.tokens, result.spoilt, result.pads_used = run(step)
+        result.tokens, result.logprobs, result.spoilt, result.pads_used = run(step)
     except BaseException as exc:
         result.error = exc
     step.decoding()  # the previous result, if the step failed before its decode
@@ -180,11 +181,14 @@ class DecodeThread:
         return step.following(result.tokens)
 
 
-def execute_step(backend: Backend, step: Step) -> tuple[list[int], list[int], int]:
+def execute_step(
+    backend: Backend, step: Step
+) -> tuple[list[int], list[Logprobs | None], list[int], int]:
     """The decode and sampling of a step, in the decode thread (ctypes releases the GIL, so
     the actor's socket tasks keep running meanwhile). Padding rows go after the KV of idle
-    slots and are removed after. Returns the tokens, the slots whose padding could not be
-    removed (their KV must be rebuilt) and the padding rows used."""
+    slots and are removed after. Returns the tokens, their log-probabilities (None for rows
+    that do not ask; taken here, while the step's logits exist), the slots whose padding could
+    not be removed (their KV must be rebuilt) and the padding rows used."""
     entries = step.entries
     used = []
     for slot, pos in step.pads:
@@ -204,4 +208,8 @@ def execute_step(backend: Backend, step: Step) -> tuple[list[int], list[int], in
             if not backend.seq_trim(slot, pos):
                 spoilt.append(slot)
     tokens = [sampler.sample(index) for sampler, index in step.sample_at]
-    return tokens, spoilt, len(used)
+    logprobs = [
+        sampler.logprobs(index, token)
+        for (sampler, index), token in zip(step.sample_at, tokens, strict=True)
+    ]
+    return tokens, logprobs, spoilt, len(used)

@@ -30,6 +30,8 @@ from .shapes import (
     _model,
     _sampling,
     _text_of,
+    _with,
+    output_grammar,
 )
 
 FIELDS = frozenset(
@@ -87,13 +89,15 @@ def _input_turns(value: Any) -> list[Turn]:
     return turns
 
 
-def _text_format(body: Body) -> None:
+def _text_format(body: Body) -> Any:
+    """`text.format` (None when not given): text, json_object, or json_schema with its
+    `schema` beside `type`."""
     text = body.get("text")
     if text is None:
-        return
-    kind = text.get("format", {}).get("type", "text") if isinstance(text, dict) else None
-    if kind != "text":
-        raise FieldError("text", f"text.format {kind!r:.40} is not supported by this server")
+        return None
+    if not isinstance(text, dict):
+        raise FieldError("text", "text must be an object")
+    return text.get("format")
 
 
 def _optional_str(body: Body, name: str) -> str | None:
@@ -105,7 +109,8 @@ def _optional_str(body: Body, name: str) -> str | None:
 
 def parse_request(body: Body) -> ResponseRequest:
     _check_known(body, FIELDS)
-    _text_format(body)
+    text_format = _text_format(body)
+    constraint = output_grammar(text_format, "text.format", "")
     store = body.get("store")
     if store is not None and not isinstance(store, bool):
         raise FieldError("store", "store must be a boolean")
@@ -116,7 +121,7 @@ def parse_request(body: Body) -> ResponseRequest:
         # The conversation's session keeps its first instructions; new ones join as a turn.
         turns.insert(0, {"role": "system", "content": instructions})
     max_output_tokens = _max_tokens(body, "max_output_tokens")
-    params = _sampling(body)
+    params = _with(_sampling(body), grammar=constraint)
     return ResponseRequest(
         model=_model(body),
         turns=turns,
@@ -135,6 +140,7 @@ def parse_request(body: Body) -> ResponseRequest:
             "metadata": body.get("metadata") or {},
             "user": body.get("user"),
             "store": store is not False,
+            "text": {"format": text_format or {"type": "text"}},
         },
     )
 
@@ -283,7 +289,6 @@ def response_object(
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [],
-        "text": {"format": {"type": "text"}},
         "truncation": "disabled",
         "usage": None if stats is None else usage(stats),
         **reply.request.echo,

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...protocol.errors import BadRequest, ProtocolError
-from ...protocol.messages import PARAM_CHECKS, SamplingParams
+from ...protocol.messages import MAX_TOP_LOGPROBS, PARAM_CHECKS, SamplingParams
 from ...protocol.wire import kind_of
+from . import grammar
 
 Body = dict[str, Any]
 Turn = dict[str, str]
@@ -90,6 +91,8 @@ SAMPLING_FIELDS = {
     "min_p": "min_p",
     "repeat_penalty": "repeat_penalty",
     "ignore_eos": "ignore_eos",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
 }
 # Accepted and without effect on the output.
 NEUTRAL_FIELDS = frozenset(
@@ -100,8 +103,6 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "echo": (False,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
     "logit_bias": ({},),
     "logprobs": (False, 0),
     "tools": ([],),
@@ -111,6 +112,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "include": ([],),
 }
 MAX_STOP = 4  # OpenAI's limit (the daemon's own is 8)
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,10 @@ class Generation:
         params = SamplingParams(**self.params).to_wire()
         params["max_tokens"] = self.max_tokens if self.max_tokens is not None else ctx_size
         return params
+
+    @property
+    def logprobs(self) -> bool:
+        return self.params.get("logprobs") is not None
 
 
 def _present(body: Body, name: str) -> bool:
@@ -169,6 +175,17 @@ def _model(body: Body) -> str | None:
     return value
 
 
+def _penalty(value: Any) -> float:
+    """OpenAI's presence and frequency penalties: -2.0 to 2.0 (only the HTTP API has them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+        raise BadRequest(f"params.penalty must be a number from -2.0 to 2.0 (got {value!r:.40})")
+    return float(value)
+
+
+# The protocol's own checks, and those of the params only the HTTP API sets.
+CHECKS = {**PARAM_CHECKS, "presence_penalty": _penalty, "frequency_penalty": _penalty}
+
+
 def _sampling(body: Body) -> Body:
     """The daemon's params from OpenAI's names, checked by the protocol's own rules."""
     params: Body = {}
@@ -176,9 +193,10 @@ def _sampling(body: Body) -> Body:
         if not _present(body, name):
             continue
         try:
-            params[key] = PARAM_CHECKS[key](body[name])
+            params[key] = CHECKS[key](body[name])
         except BadRequest as exc:
-            raise FieldError(name, exc.message.replace(f"params.{key}", name)) from None
+            message = exc.message.replace(f"params.{key}", name).replace("params.penalty", name)
+            raise FieldError(name, message) from None
     if _present(body, "stop"):
         stop = body["stop"]
         stop = [stop] if isinstance(stop, str) else stop
@@ -214,15 +232,58 @@ def _stream_options(body: Body, stream: bool) -> bool:
     return include
 
 
-def _response_format(body: Body) -> None:
-    value = body.get("response_format")
+def output_grammar(value: Any, name: str, schema_at: str) -> str | None:
+    """The grammar of a `response_format` (the Responses API's `text.format`, `name`): none for
+    text, any JSON object for `json_object`, the schema's for `json_schema` (found under
+    `schema_at`: `json_schema` in chat, the format itself in the Responses API)."""
     if value is None:
-        return
-    if not isinstance(value, dict) or value.get("type") != "text":
-        kind = value.get("type") if isinstance(value, dict) else value
-        raise FieldError(
-            "response_format", f"response_format {kind!r:.40} is not supported by this server"
-        )
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return grammar.object_grammar()
+    if kind != "json_schema":
+        shown = kind if isinstance(value, dict) else value
+        raise FieldError(name, f"{name} {shown!r:.40} is not supported by this server")
+    assert isinstance(value, dict)
+    holder = value.get(schema_at) if schema_at else value
+    where = f"{name}.{schema_at}" if schema_at else name
+    if not isinstance(holder, dict) or "schema" not in holder:
+        raise FieldError(name, f"{where}.schema is required for json_schema")
+    try:
+        return grammar.schema_grammar(holder["schema"])
+    except ValueError as exc:
+        raise FieldError(name, f"{where}.schema: {exc}") from None
+
+
+def _chat_logprobs(body: Body) -> int | None:
+    """`logprobs` (bool) and `top_logprobs` (0..20) as the daemon's `logprobs` (N or None)."""
+    wanted = _bool(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise FieldError("top_logprobs", f"top_logprobs must be an integer 0..{MAX_TOP_LOGPROBS}")
+    if not wanted:
+        raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+    return top
+
+
+def _completion_logprobs(body: Body) -> int | None:
+    """`logprobs` of /v1/completions: how many of the most likely tokens to list (0..5)."""
+    value = body.get("logprobs")
+    if value is None:
+        return None
+    limit = MAX_COMPLETION_LOGPROBS
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise FieldError("logprobs", f"logprobs must be an integer 0..{limit}")
+    return value
+
+
+def _with(params: Body, **more: Any) -> Body:
+    """params and those of `more` that are set."""
+    return {**params, **{key: value for key, value in more.items() if value is not None}}
 
 
 def _text_of(content: Any, where: str, part_types: tuple[str, ...]) -> str:
@@ -273,7 +334,9 @@ def split_system(turns: list[Turn]) -> tuple[str | None, list[Turn]]:
     return None, turns
 
 
-COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "stream", *SAMPLING_FIELDS, "stop"})
+COMPLETION_FIELDS = frozenset(
+    {"model", "prompt", "max_tokens", "stream", "logprobs", *SAMPLING_FIELDS, "stop"}
+)
 CHAT_FIELDS = frozenset(
     {
         "model",
@@ -282,6 +345,8 @@ CHAT_FIELDS = frozenset(
         "max_completion_tokens",
         "stream",
         "response_format",
+        "logprobs",
+        "top_logprobs",
         *SAMPLING_FIELDS,
         "stop",
     }
@@ -300,7 +365,7 @@ def parse_completion(body: Body) -> Generation:
     return Generation(
         model=_model(body),
         prompt=prompt,
-        params=_sampling(body),
+        params=_with(_sampling(body), logprobs=_completion_logprobs(body)),
         max_tokens=_max_tokens(body, "max_tokens") or 16,  # OpenAI's default for completions
         stream=stream,
         include_usage=_stream_options(body, stream),
@@ -310,14 +375,14 @@ def parse_completion(body: Body) -> Generation:
 def parse_chat(body: Body) -> Generation:
     """`POST /v1/chat/completions`."""
     _check_known(body, CHAT_FIELDS)
-    _response_format(body)
+    constraint = output_grammar(body.get("response_format"), "response_format", "json_schema")
     system, turns = split_system(_chat_turns(body.get("messages")))
     stream = _bool(body, "stream")
     return Generation(
         model=_model(body),
         messages=turns,
         system_prompt=system,
-        params=_sampling(body),
+        params=_with(_sampling(body), grammar=constraint, logprobs=_chat_logprobs(body)),
         max_tokens=_max_tokens(body, "max_completion_tokens", "max_tokens"),
         stream=stream,
         include_usage=_stream_options(body, stream),
@@ -359,20 +424,52 @@ class ReplyIds:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def completion(ids: ReplyIds, text: str, reason: str, stats: Body) -> Body:
+# ---- log-probabilities: the engine's rows, [bytes, logprob, [[bytes, logprob], ...]] a token
+
+
+def _token_text(piece: bytes) -> str:
+    return piece.decode("utf-8", "replace")  # a token may end inside a character
+
+
+def _chat_token(piece: bytes, value: float) -> Body:
+    return {"token": _token_text(piece), "logprob": value, "bytes": list(piece)}
+
+
+def chat_logprobs(rows: list[Any] | None) -> Body | None:
+    """A chat choice's (or chunk's) `logprobs`: the tokens of its text."""
+    if rows is None:
+        return None
+    content = [
+        {**_chat_token(piece, value), "top_logprobs": [_chat_token(p, v) for p, v in best]}
+        for piece, value, best in rows
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(rows: list[Any] | None, offset: int = 0) -> Body | None:
+    """A completion choice's (or chunk's) `logprobs`, the legacy shape; `offset`: where its
+    text starts in the whole text (`text_offset`)."""
+    if rows is None:
+        return None
+    tokens, values, tops, offsets = [], [], [], []
+    for piece, value, best in rows:
+        text = _token_text(piece)
+        tokens.append(text)
+        values.append(value)
+        tops.append({_token_text(p): v for p, v in best})
+        offsets.append(offset)
+        offset += len(text)
     return {
-        "id": ids.id,
-        "object": "text_completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
-        ],
-        "usage": usage(stats),
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
     }
 
 
-def completion_chunk(ids: ReplyIds, text: str, reason: str | None) -> Body:
+def completion(
+    ids: ReplyIds, text: str, reason: str, stats: Body, logprobs: list[Any] | None = None
+) -> Body:
     return {
         "id": ids.id,
         "object": "text_completion",
@@ -382,14 +479,36 @@ def completion_chunk(ids: ReplyIds, text: str, reason: str | None) -> Body:
             {
                 "index": 0,
                 "text": text,
-                "logprobs": None,
+                "logprobs": completion_logprobs(logprobs),
+                "finish_reason": finish_reason(reason),
+            }
+        ],
+        "usage": usage(stats),
+    }
+
+
+def completion_chunk(
+    ids: ReplyIds, text: str, reason: str | None, logprobs: Body | None = None
+) -> Body:
+    return {
+        "id": ids.id,
+        "object": "text_completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
                 "finish_reason": None if reason is None else finish_reason(reason),
             }
         ],
     }
 
 
-def chat_completion(ids: ReplyIds, text: str, reason: str, stats: Body) -> Body:
+def chat_completion(
+    ids: ReplyIds, text: str, reason: str, stats: Body, logprobs: list[Any] | None = None
+) -> Body:
     return {
         "id": ids.id,
         "object": "chat.completion",
@@ -400,7 +519,7 @@ def chat_completion(ids: ReplyIds, text: str, reason: str, stats: Body) -> Body:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
+                "logprobs": chat_logprobs(logprobs),
                 "finish_reason": finish_reason(reason),
             }
         ],
@@ -408,7 +527,13 @@ def chat_completion(ids: ReplyIds, text: str, reason: str, stats: Body) -> Body:
     }
 
 
-def chat_chunk(ids: ReplyIds, delta: Body, reason: str | None, include_usage: bool = False) -> Body:
+def chat_chunk(
+    ids: ReplyIds,
+    delta: Body,
+    reason: str | None,
+    include_usage: bool = False,
+    logprobs: Body | None = None,
+) -> Body:
     chunk: Body = {
         "id": ids.id,
         "object": "chat.completion.chunk",
@@ -419,7 +544,7 @@ def chat_chunk(ids: ReplyIds, delta: Body, reason: str | None, include_usage: bo
             {
                 "index": 0,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": None if reason is None else finish_reason(reason),
             }
         ],

@@ -15,10 +15,15 @@ The chat scenario (`--chat`, on by default): 16 conversations of 4 turns at once
 daemon with 4 and with 16 slots (and llama-server alike); generated tokens/s and first-token
 times.
 
+The HTTP chat scenario (`--http-chat`, on by default): 8 streaming /v1/chat/completions at once
+through the daemon's HTTP actor, against llama-server's /v1/chat/completions and against the
+same chats over ZeroMQ; then 4 streams through the HTTP actor, plain and with one constrained by
+a JSON schema (`response_format`): how much the grammar slows the other streams.
+
 This module is the command; the measurements live in its modules: `inprocess` (the in-process
 loop, step times by row count, speculation), `daemonstreams` (the daemon as timed streams),
 `llamaserver`, `scenarios` (stall, shared system prompt, many sessions), `chat` (multi-turn
-chat), `report` (tables, plot).
+chat), `httpchat` (chat over HTTP, the grammar's cost), `report` (tables, plot).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 from ...actors.config import default_model_path
 from .chat import measure_chat
 from .daemonstreams import DaemonUnderTest, run_daemon
+from .httpchat import measure_http_chat
 from .inprocess import measure_speculation, run_inprocess, run_row_sweep
 from .llamaserver import run_llama_server
 from .measurement import KINDS, LABELS, Measurement
@@ -44,6 +50,7 @@ from .report import (
     median_table,
     plot,
     print_chat,
+    print_http_chat,
     print_prefix,
     print_rows,
     print_sessions,
@@ -112,6 +119,11 @@ def bench(args: argparse.Namespace) -> int:
         if args.chat
         else None
     )
+    http_chat = (
+        measure_http_chat(model, threads, args.ctx_size, args.tokens, args.runs, args.llama_server)
+        if args.http_chat
+        else None
+    )
     rows = run_row_sweep(model, threads) if args.rows else None
     speculated = [int(x) for x in args.speculation.split(",") if x.strip()]
     speculation = (
@@ -130,6 +142,8 @@ def bench(args: argparse.Namespace) -> int:
         print_sessions(sessions)
     if chat:
         print_chat(chat)
+    if http_chat:
+        print_http_chat(http_chat)
     if rows:
         print_rows(rows)
     if speculation:
@@ -147,6 +161,7 @@ def bench(args: argparse.Namespace) -> int:
         "shared_system_prompt": prefix,
         "many_sessions": sessions,
         "chat": chat,
+        "http_chat": http_chat,
         "decode_step_ms_by_rows": rows,
         "speculation": speculation,
         "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
@@ -185,6 +200,12 @@ def add_bench_command(commands: Any) -> None:
         ("--prefix", True, "measure the first token of a session sharing a cached system prompt"),
         ("--sessions", True, f"measure the engine's memory with {MANY_SESSIONS} sessions"),
         ("--chat", True, "measure 16 multi-turn chats at once, on 4 and on 16 slots"),
+        (
+            "--http-chat",
+            True,
+            "measure 8 streaming chats over HTTP against llama-server and ZeroMQ, and what a "
+            "JSON-schema stream costs the others",
+        ),
         ("--rows", False, "time a decode-only step of 1..16 rows in-process (does padding pay?)"),
         ("--plot", True, "write a PNG next to --output (needs matplotlib)"),
     ):

@@ -81,15 +81,23 @@ class DaemonStream:
 
 class DaemonUnderTest:
     """A real `inferencecenter serve` on free ports (daemon.testing's start_daemon), with a
-    client allowed 256 sessions, warmed up (`extra`: more `serve` flags)."""
+    client allowed 256 sessions, warmed up (`extra`: more `serve` flags; `http`: with its HTTP
+    actor)."""
 
     def __init__(
-        self, model: str, parallel: int, threads: int, ctx: int, extra: Sequence[str] = ()
+        self,
+        model: str,
+        parallel: int,
+        threads: int,
+        ctx: int,
+        extra: Sequence[str] = (),
+        *,
+        http: bool = False,
     ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="ic-bench-"))
         flags = ["--model", model, "--parallel", str(parallel), "--threads", str(threads)]
         flags += ["--ctx-size", str(ctx), *extra]
-        self.daemon = start_daemon(self.tmp, *flags, deadline_s=START_DEADLINE_S)
+        self.daemon = start_daemon(self.tmp, *flags, deadline_s=START_DEADLINE_S, http=http)
         try:
             entry = clientsfile.add_client(self.daemon.clients_path, BENCH_CLIENT, max_sessions=256)
             self.key = entry.api_key

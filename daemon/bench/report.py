@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .httpchat import HTTP_LABELS
 from .measurement import KINDS, LABELS, SUMMARY_FIELDS, medians
 from .scenarios import STALL_PARALLEL, STALL_STREAMS
 
@@ -163,3 +164,26 @@ def print_chat(chat: dict[str, Any]) -> None:
             f"{LABELS[row['system']]:<13} {row['slots']:>5} {row['generated_tps']:>9.1f} "
             f"{row['ttft_p50_ms']:>9.0f} {row['ttft_p90_ms']:>9.0f}"
         )
+
+
+def print_http_chat(result: dict[str, Any]) -> None:
+    print(
+        f"\nchat over HTTP ({result['streams']} streaming chat completions at once, "
+        f"{result['tokens']} tokens each; medians):"
+    )
+    print(f"{'system':<14} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'slow tok/s':>10}")
+    for system, row in result["median"].items():
+        print(
+            f"{HTTP_LABELS[system]:<14} {row['aggregate_tps']:>9.1f} {row['ttft_p50_ms']:>9.0f} "
+            f"{row['ttft_p99_ms']:>9.0f} {row['slowest_stream_tps']:>10.1f}"
+        )
+    for name, value in result["ratios"].items():
+        print(f"{name}: {value:.3f}")
+    grammar = result["grammar"]
+    print(
+        f"grammar: {grammar['streams']} streams; the others' rate "
+        f"{grammar['plain_stream_tps']:.1f} tok/s each when all are plain, "
+        f"{grammar['others_with_one_constrained_tps']:.1f} with one constrained by a JSON schema "
+        f"(ratio {grammar['others_ratio']:.3f}); the constrained one "
+        f"{grammar['constrained_stream_tps']:.1f}"
+    )
