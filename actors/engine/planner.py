@@ -52,9 +52,10 @@ class BatchPlanner:
         chunk that fits (a batch mixing a long chunk with the streams costs more than the two
         apart here: with a KV stream per sequence llama.cpp splits it into a ubatch of one token
         per sequence, which cannot be padded, and one of the rest). A burst of prompts with
-        nothing generating: the first step takes more than half of them (at least what fits in
-        --step-budget-ms), so the median first token comes a step earlier; the rest join the
-        next step whole, so that the streams of a burst run in step."""
+        nothing generating: the first step takes more than half of them, so the median first
+        token comes a step earlier; the rest join the next step whole, so that the streams of a
+        burst run in step. The split is by count alone, never by measured costs: temp-0 output
+        depends on the batches' shapes, and the same burst sent again must be batched the same."""
         generating = [j for j in active if j.state == "generating" and j.next_token is not None]
         waiting = prefill_order(
             [(j, j.priority, j.t_arrival) for j in active if j.state == "prefill"], now
@@ -97,11 +98,6 @@ class BatchPlanner:
             return self.prompt_chunks(waiting, self.n_batch, None)
         half = len(waiting) // 2 + 1
         entries, plan = self.prompt_chunks(waiting[:half], self.prefill_chunk, None)
-        left_ms = self.step_budget_ms - self.step_cost.prompt_cost(len(entries))
-        more, more_plan = self.prompt_chunks(
-            waiting[half:], self.prefill_chunk - len(entries), left_ms, len(entries), 0
-        )
-        entries, plan = entries + more, plan + more_plan
         done = {id(job) for job, _, index in plan if index >= 0}
         self.burst_rest = {id(job) for job in waiting if id(job) not in done}
         return entries, plan
