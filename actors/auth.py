@@ -15,6 +15,7 @@ import trio
 
 from ..protocol import clientsfile, internal
 from ..protocol.clientsfile import ClientEntry, ClientsFileError
+from . import revocation
 from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
 from .config import Config
 from .logs import EventLog
@@ -35,6 +36,7 @@ MAX_TRACKED = 10_000  # keys followed at once (the least recently used one goes 
 SUMMARY_WINDOW_S = 60.0
 SUMMARY_TOP = 5  # client_ids and addresses named in a summary (by count)
 SUMMARY_KINDS = 1000  # distinct client_ids or addresses counted in one window; beyond: "others"
+WATCH_S = 0.25  # how often the clients file is looked at (a change revokes within this)
 
 
 def _digest(text: str) -> bytes:
@@ -44,41 +46,54 @@ def _digest(text: str) -> bytes:
 
 class ClientRegistry:
     """The clients file, re-read when it changes on disk (so `inferencecenter keygen` needs no
-    restart); a broken edit keeps the last good version and logs why."""
+    restart) or when asked (SIGHUP); a broken edit keeps the last good version and logs why."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._mtime_ns = -1
+        self._signature: tuple[int, int, int] | None = None
         self._entries: list[tuple[bytes, bytes, ClientEntry]] = []
+        self.table: revocation.Table = {}  # client_id -> fingerprint, for the front actors
         self._warned: set[str] = set()  # client_ids already named for a key in clear
-        self.reload_if_changed()
+        self.reload()
 
-    def reload_if_changed(self) -> None:
+    def reload(self, force: bool = False) -> bool:
+        """Read the file if it changed (its mtime, size or inode), or with `force` anyway;
+        whether the table of fingerprints changed."""
         try:
-            mtime_ns = self.path.stat().st_mtime_ns
+            stat = self.path.stat()
         except OSError:
-            return
-        if mtime_ns == self._mtime_ns:
-            return
+            return False
+        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if signature == self._signature and not force:
+            return False
+        self._signature = signature
         try:
             entries = clientsfile.load(self.path)
         except ClientsFileError as exc:
             log.error("clients file not reloaded", reason=str(exc))
-            self._mtime_ns = mtime_ns
-            return
-        self._mtime_ns = mtime_ns
+            return False
         self._entries = [
             (_digest(e.client_id), bytes.fromhex(e.api_key_sha256), e) for e in entries
         ]
-        log.info("clients loaded", path=str(self.path), clients=len(entries))
+        table = revocation.table_of(entries)
+        removed, rekeyed = revocation.changes(self.table, table)
+        changed, self.table = table != self.table, table
+        fields = {"removed": _names(removed), "rekeyed": _names(rekeyed)}
+        log.info(
+            "clients loaded",
+            path=str(self.path),
+            clients=len(entries),
+            **{k: v for k, v in fields.items() if v},
+        )
         plain = [e.client_id for e in entries if e.api_key and e.client_id not in self._warned]
         if plain:
             self._warned.update(plain)
             log.warning(
                 "api keys stored in clear: `inferencecenter keys migrate` stores only hashes",
                 path=str(self.path),
-                clients=",".join(plain[:10]) + (f",+{len(plain) - 10}" if len(plain) > 10 else ""),
+                clients=_names(plain),
             )
+        return changed
 
     def authenticate(self, client_id: str, api_key: str) -> ClientEntry | None:
         """Every entry is compared, whatever matches, so timing says nothing about which failed."""
@@ -231,6 +246,12 @@ class FailureLog:
         self.addresses.clear()
 
 
+def _names(client_ids: list[str]) -> str:
+    """At most ten names for a log line."""
+    rest = len(client_ids) - 10
+    return ",".join(client_ids[:10]) + (f",+{rest}" if rest > 0 else "")
+
+
 def _top(counter: Counter[str]) -> str:
     named = [f"{name}:{count}" for name, count in counter.most_common(SUMMARY_TOP)]
     rest = len(counter) - SUMMARY_TOP
@@ -243,10 +264,33 @@ class AuthActor:
         self.monitor = monitor
         self.backoff = Backoff()
         self.failures = FailureLog(lambda event, fields: log.warning(event, **fields))
+        self.watchers: dict[str, Caller] = {}  # by front actor: a restarted one replaces its own
         self.handlers = {
             "authenticate": self.authenticate,
             "authenticate_key": self.authenticate_key,
+            "watch_clients": self.watch_clients,
+            "reload": self.reload,
         }
+
+    def watch_clients(self, body: Body, caller: Caller) -> None:
+        """The table of fingerprints now, and again after every change (see revocation)."""
+        self.watchers[str(body.get("watcher", ""))] = caller
+        caller.send("clients", clients=self.registry.table)
+
+    def reload(self, body: Body, caller: Caller) -> None:
+        """Pushed by the supervisor on SIGHUP: read the file even if it looks unchanged."""
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        if self.registry.reload(force):
+            for watcher in self.watchers.values():
+                watcher.send("clients", clients=self.registry.table)
+
+    async def watch_file(self) -> None:
+        """Stat the clients file a few times a second: an edit revokes within WATCH_S."""
+        while True:
+            await trio.sleep(WATCH_S)
+            self.refresh()
 
     async def authenticate(self, body: Body, caller: Caller) -> None:
         client_id = str(body.get("client_id", ""))[:256]
@@ -293,7 +337,7 @@ class AuthActor:
         entry = None
         try:
             await trio.sleep_until(at)
-            self.registry.reload_if_changed()
+            self.refresh()
             entry = find()
         finally:
             self.backoff.done(keys, entry is not None, trio.current_time())
@@ -321,6 +365,7 @@ class AuthActor:
             max_sessions=entry.max_sessions,
             priority=entry.priority,
             role=getattr(entry, "role", "user"),
+            fingerprint=revocation.fingerprint(entry),
         )
 
 
@@ -333,6 +378,7 @@ async def main(config: Config, stop: trio.Event) -> None:
         nursery.start_soon(server.run)
         nursery.start_soon(monitor.run)
         nursery.start_soon(actor.summarize)
+        nursery.start_soon(actor.watch_file)
         report_to_supervisor(config, {"op": "ready", "actor": internal.AUTH})
         await stop.wait()
         nursery.cancel_scope.cancel()

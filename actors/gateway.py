@@ -29,6 +29,7 @@ from .actor import ActorLink, Body, report_to_supervisor
 from .config import Config
 from .logs import EventLog
 from .models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
+from .revocation import REVOKED_MESSAGE, ClientsWatch, Table, change_of
 
 log = EventLog("gateway")
 
@@ -58,6 +59,7 @@ class ClientState:
     max_sessions: int
     priority: str
     role: str = "user"
+    fingerprint: str = ""  # what it authenticated with (see revocation)
 
     @property
     def admin(self) -> bool:
@@ -100,7 +102,10 @@ class Gateway:
         self.frontend = frontend
         frontend.on_receive = self.on_frontend
         self.nursery: trio.Nursery | None = None
-        self.auth = ActorLink(internal.AUTH, config)
+        self.auth = ActorLink(internal.AUTH, config, watch=True)
+        self.clients_watch = ClientsWatch(self.auth, internal.GATEWAY)
+        self.clients_watch.listeners.append(self.revoke)
+        self.revoked: set[bytes] = set()  # connections whose client was revoked since its auth
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.models = ModelDirectory(config, internal.GATEWAY)
         self.clients: dict[bytes, ClientState] = {}
@@ -151,6 +156,7 @@ class Gateway:
             self.nursery = nursery
             for link in (self.auth, self.sessions, self.models):
                 nursery.start_soon(link.run)
+            self.clients_watch.start()
             nursery.start_soon(self.frontend.run)
             nursery.start_soon(self.watch_monitor)
 
@@ -168,6 +174,8 @@ class Gateway:
         try:
             request = messages.parse_request(body)
             if request.op not in messages.OPS_BEFORE_AUTH and peer not in self.clients:
+                if peer in self.revoked:
+                    raise Unauthenticated(REVOKED_MESSAGE)
                 raise Unauthenticated(f"{request.op} needs a successful auth first")
         except ProtocolError as exc:
             self.reply_error(peer, request_id, exc)
@@ -214,6 +222,7 @@ class Gateway:
     def connection_lost(self, peer: bytes) -> None:
         """A client vanished: its running generations are aborted; its sessions stay."""
         self.clients.pop(peer, None)
+        self.revoked.discard(peer)
         queue = self.queues.pop(peer, None)
         if queue is not None:
             queue.close()
@@ -223,6 +232,30 @@ class Gateway:
             log.info("client gone, generation aborted", session_id=stream.session_id)
         if gone or queue is not None:
             log.info("client disconnected", streams=len(gone))
+
+    def revoke(self, table: Table) -> None:
+        """The clients file changed: connections of a client removed or re-keyed lose their
+        auth and their running generations (they end `aborted`); one line per client."""
+        cut: dict[str, list[bytes]] = {}
+        for peer, state in self.clients.items():
+            if table.get(state.client_id) != state.fingerprint:
+                cut.setdefault(state.client_id, []).append(peer)
+        for client_id, peers in cut.items():
+            aborted = 0
+            for peer in peers:
+                del self.clients[peer]
+                self.revoked.add(peer)
+                for stream in self.streams.values():
+                    if stream.peer == peer:
+                        stream.engine.push("abort", session_id=stream.session_id)
+                        aborted += 1
+            log.warning(
+                "client revoked, connections cut",
+                client_id=client_id,
+                change=change_of(table, client_id),
+                connections=len(peers),
+                generations_aborted=aborted,
+            )
 
     def enqueue(self, peer: bytes, request: Request) -> None:
         queue = self.queues.get(peer)
@@ -316,8 +349,16 @@ class Gateway:
             result["max_sessions"],
             result["priority"],
             str(result.get("role", "user")),
+            str(result.get("fingerprint", "")),
         )
+        if not self.clients_watch.current(state.client_id, state.fingerprint):
+            # The file changed while the key was checked (the table came first): not valid now.
+            self.clients.pop(peer, None)
+            reason = "the clients file changed during the check: authenticate again"
+            self.reply(peer, request.id, messages.AUTH_FAILED, reason=reason)
+            return
         self.clients[peer] = state
+        self.revoked.discard(peer)
         self.reply(
             peer,
             request.id,
@@ -464,6 +505,8 @@ class Gateway:
         state, owner = await self.owned_session(peer, session_id)
         # A model that was unloaded is loaded again; its sessions go on from their histories.
         engine = self.models.link(owner.model) or await self.models.engine(owner.model)
+        if self.clients.get(peer) is not state:  # revoked (or gone) while this waited
+            raise Unauthenticated(REVOKED_MESSAGE)
         stream = Stream(peer, request.id, session_id, engine)
         payload: Body = {
             "session_id": session_id,

@@ -92,6 +92,11 @@ class Supervisor:
             self.http_link = context.socket(zmq.DEALER)
             self.http_link.setsockopt(zmq.LINGER, 0)
             self.http_link.connect(internal.endpoint(self.runtime_dir, internal.HTTP))
+        # SIGHUP (`systemctl reload`) makes the auth actor read the clients file again.
+        self.auth_link: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+        self.auth_link.setsockopt(zmq.LINGER, 0)
+        self.auth_link.connect(internal.endpoint(self.runtime_dir, internal.AUTH))
+        self.reload_asked = False
         self.registry = ModelRegistry(self.config, self.send_to_peer, self.send_to_monitor)
         self.stopping = False
         self.started = False
@@ -100,6 +105,18 @@ class Supervisor:
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def on_reload_signal(self, signum: int, frame: object) -> None:
+        self.reload_asked = True
+
+    def reload_clients(self) -> None:
+        """Tell the auth actor to read the clients file again (asked with SIGHUP)."""
+        self.reload_asked = False
+        log.info("reload asked: the clients file is read again")
+        try:
+            self.auth_link.send(internal.pack({"op": "reload", "ref": 0}), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("reload not passed on: the auth actor is not reachable")
 
     def spawn(self, actor: ActorProcess) -> None:
         actor.spawn(self.config_path)
@@ -230,6 +247,8 @@ class Supervisor:
             self.poll_inbox(200)
             now = time.monotonic()
             self.registry.poll(now)
+            if self.reload_asked:
+                self.reload_clients()
             for actor in self.actors.values():
                 assert actor.process is not None
                 if actor.restart_at is not None:
@@ -277,7 +296,8 @@ class Supervisor:
         for name in order:
             if name in self.actors:
                 self.actors[name].stop(STOP_DEADLINE_S)
-        for sock in (self.inbox, self.models_socket, self.monitor_link, self.http_link):
+        links = (self.monitor_link, self.http_link, self.auth_link)
+        for sock in (self.inbox, self.models_socket, *links):
             if sock is not None:
                 sock.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -285,6 +305,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        signal.signal(signal.SIGHUP, self.on_reload_signal)
         code = 0
         try:
             started = time.monotonic()

@@ -38,7 +38,10 @@ END = "end"
 TOKENS = "tokens"
 
 # Ops each actor serves (its handler table must match this list).
-AUTH_OPS = ("authenticate", "authenticate_key")
+# `watch_clients` (asked by the gateway and the HTTP actor) answers now and after every change of
+# the clients file with {"op": "clients", "clients": {client_id: fingerprint}} (see
+# actors/revocation.py); `reload` (pushed by the supervisor on SIGHUP) reads the file again.
+AUTH_OPS = ("authenticate", "authenticate_key", "watch_clients", "reload")
 SESSIONS_OPS = ("create", "check", "remove", "list", "append", "snapshot", "counts")
 # `reload`: take the sessions' histories again (a hot swap's new engine, once the old one is gone).
 ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats", "reload")

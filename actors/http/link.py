@@ -4,8 +4,8 @@ sockets, as the ZeroMQ gateway reaches them (never through the public frontend).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ from ..actor import ActorLink, Body
 from ..config import Config
 from ..logs import EventLog
 from ..models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
+from ..revocation import ClientsWatch, Table, change_of
 
 log = EventLog("http")
 
@@ -50,6 +51,7 @@ class Client:
     max_sessions: int
     priority: str
     role: str = "user"
+    fingerprint: str = ""  # what it authenticated with (see revocation)
 
 
 @dataclass
@@ -101,7 +103,13 @@ class InferStream:
 class DaemonLink:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.auth = ActorLink(internal.AUTH, config)
+        self.auth = ActorLink(internal.AUTH, config, watch=True)
+        self.clients = ClientsWatch(self.auth, internal.HTTP)
+        self.clients.listeners.append(self.revoke)
+        # Who else holds authenticated connections (the WebSocket ones): each cuts those of
+        # revoked clients and says how many per client_id.
+        self.revokers: list[Callable[[Table], Counter[str]]] = []
+        self.generations: dict[str, Client] = {}  # running infers: session_id -> client
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.models = ModelDirectory(config, internal.HTTP)
         self.monitor = ActorLink(internal.MONITOR, config)
@@ -114,19 +122,48 @@ class DaemonLink:
             self.nursery = nursery
             for link in (self.auth, self.sessions, self.models, self.monitor):
                 nursery.start_soon(link.run)
+            self.clients.start()
 
     # ---- clients ------------------------------------------------------------------------
 
     async def authenticate_key(self, api_key: str) -> Client:
         """The client whose key this is (HTTP's Bearer key names the client by itself)."""
         result = await self.auth.request("authenticate_key", api_key=api_key)
-        if not result.get("ok"):
+        client = self.valid(result)
+        if client is None:
             raise AuthFailed("missing or wrong api key (Authorization: Bearer <key>)")
-        return _client(result)
+        return client
 
     async def authenticate(self, client_id: str, api_key: str) -> Client | None:
         result = await self.auth.request("authenticate", client_id=client_id, api_key=api_key)
-        return _client(result) if result.get("ok") else None
+        return self.valid(result)
+
+    def valid(self, result: Body) -> Client | None:
+        """The client of a successful auth, unless the clients file changed during the check."""
+        if not result.get("ok"):
+            return None
+        client = _client(result)
+        return client if self.clients.current(client.client_id, client.fingerprint) else None
+
+    def revoke(self, table: Table) -> None:
+        """The clients file changed: generations of a client removed or re-keyed are aborted
+        (they end `aborted`), its WebSocket connections lose their auth; one line per client."""
+        aborted: Counter[str] = Counter()
+        for session_id, client in list(self.generations.items()):
+            if table.get(client.client_id) != client.fingerprint:
+                self.abort(session_id)
+                aborted[client.client_id] += 1
+        connections: Counter[str] = Counter()
+        for revoker in self.revokers:
+            connections.update(revoker(table))
+        for client_id in sorted(set(aborted) | set(connections)):
+            log.warning(
+                "client revoked, connections cut",
+                client_id=client_id,
+                change=change_of(table, client_id),
+                connections=connections[client_id],
+                generations_aborted=aborted[client_id],
+            )
 
     # ---- sessions -----------------------------------------------------------------------
 
@@ -259,6 +296,7 @@ class DaemonLink:
                 return
             engine, ref = started[0]
             engine.forget(ref)
+            self.generations.pop(session_id, None)
             if body.get("unloaded"):
                 send.send_nowait(End("aborted", dict(NO_STATS), UNLOADED_MESSAGE))
             elif body.get("lost"):
@@ -282,9 +320,11 @@ class DaemonLink:
             try:
                 start(await self.models.engine(model))
             except ProtocolError as exc:
+                self.generations.pop(session_id, None)
                 send.send_nowait(exc)
                 send.close()
 
+        self.generations[session_id] = client
         engine = self.models.link(model)
         if engine is not None:
             start(engine)
@@ -361,4 +401,5 @@ def _client(result: Body) -> Client:
         int(result["max_sessions"]),
         str(result["priority"]),
         str(result.get("role", "user")),
+        str(result.get("fingerprint", "")),
     )

@@ -10,6 +10,7 @@ generations are aborted; its sessions stay, as on ZeroMQ.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import trio
@@ -28,6 +29,7 @@ from ...protocol.errors import (
 from ...protocol.messages import MAX_NAME_BYTES, parse_params
 from ..config import Config
 from ..logs import EventLog
+from ..revocation import REVOKED_MESSAGE, Table
 from .link import Client, DaemonLink, End, InferStream
 from .routes import DaemonState
 
@@ -86,11 +88,31 @@ class WebSocketHandler:
         self.link = link
         self.state = state
         self.models = models
+        self.connections: set[Connection] = set()
+        link.revokers.append(self.revoke)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         websocket = WebSocket(scope, receive, send)
         await websocket.accept()
-        await Connection(self, websocket).run()
+        connection = Connection(self, websocket)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+
+    def revoke(self, table: Table) -> Counter[str]:
+        """Connections of a client removed or re-keyed lose their auth (their generations are
+        aborted by the link); how many per client_id."""
+        cut: Counter[str] = Counter()
+        for connection in self.connections:
+            client = connection.client
+            if client is not None and table.get(client.client_id) != client.fingerprint:
+                connection.client = None
+                connection.revoked = True
+                connection.owned.clear()
+                cut[client.client_id] += 1
+        return cut
 
 
 class Connection:
@@ -99,6 +121,7 @@ class Connection:
         self.link = handler.link
         self.websocket = websocket
         self.client: Client | None = None
+        self.revoked = False  # its client was revoked since its auth
         self.owned: set[str] = set()  # sessions this connection's client owns (never changes)
         self.streams: dict[str, InferStream] = {}  # running generations by session
         self.metrics: trio.CancelScope | None = None
@@ -140,6 +163,8 @@ class Connection:
                 if handler is None:
                     raise BadRequest(f"unknown op {str(op)[:64]!r}")
                 if self.client is None and op not in ("auth", "ping"):
+                    if self.revoked:
+                        raise Unauthenticated(REVOKED_MESSAGE)
                     raise Unauthenticated(f"{op} needs a successful auth first")
                 await handler(body)
             except ProtocolError as exc:
@@ -201,6 +226,7 @@ class Connection:
         if self.client is None or self.client.client_id != client.client_id:
             self.owned.clear()
         self.client = client
+        self.revoked = False
         await self.send(
             {
                 "op": "auth_success",
