@@ -10,7 +10,7 @@ import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..protocol import clientsfile
+from ..protocol import clientsfile, credentialsfile
 from ..protocol.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -319,7 +319,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
     else:
         clients_path = clientsfile.default_path()
         if not clients_path.exists():
-            clientsfile.create_default(clients_path)
+            # Only the key's hash in the clients file; the key itself in this user's credentials
+            # file, where the CLI and the client library look for it.
+            stored = credentialsfile.default_path()
+            try:
+                credentialsfile.load(stored)  # refuse a broken one before writing anything
+            except credentialsfile.CredentialsFileError as exc:
+                raise ConfigError(str(exc)) from None
+            local = clientsfile.create_default(clients_path, hash_only=True)
+            credentialsfile.store(stored, local.client_id, local.api_key)
             created = True
     try:
         clientsfile.load(clients_path)

@@ -1,5 +1,5 @@
-"""The client commands (infer, chat, sessions, models, load, unload, metrics, top, keygen) for
-the daemon's parser."""
+"""The client commands (infer, chat, sessions, models, load, unload, metrics, top, keygen,
+keys) for the daemon's parser."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from inferencecenter.protocol import clientsfile
+from inferencecenter.protocol import clientsfile, credentialsfile
 from inferencecenter.protocol.errors import ProtocolError
 from inferencecenter.protocol.messages import MAX_NAME_BYTES, parse_params
 
 from .client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, Client, EndpointError, Generation
 from .core import DEFAULT_LOAD_TIMEOUT
 from .credentials import ENV_API_KEY, ENV_CLIENT_ID, ENV_CLIENTS, CredentialsError
+from .keys import add_keys_command
 from .metrics import DEFAULT_METRICS_ENDPOINT, MetricsSubscriber
 
 PROG = "inferencecenter"
@@ -144,8 +145,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = subparsers.add_parser(
         "keygen",
         help="add a client with a random api key to the clients file",
-        description="Add CLIENT_ID with a new random api key to the clients file (mode 0600) "
-        "and print the key once. A running daemon re-reads the file.",
+        description="Add CLIENT_ID with a new random api key to the clients file (mode 0600, "
+        "only the key's SHA-256) and print the key once; with --save, also store it in this "
+        "user's credentials file, for the CLI on this machine. A running daemon re-reads the "
+        "clients file; --replace cuts the connections made with the old key at once.",
     )
     p.add_argument("client_id", metavar="CLIENT_ID")
     p.add_argument(
@@ -163,7 +166,20 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="an admin: may load and unload models and act on every client's sessions",
     )
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="also store the key in this user's credentials file (mode 0600)",
+    )
+    p.add_argument(
+        "--credentials",
+        type=Path,
+        default=None,
+        help=f"where --save stores the key (default {credentialsfile.default_path()})",
+    )
     p.set_defaults(func=_guarded(_keygen))
+
+    add_keys_command(subparsers)
 
 
 # ---- options ----
@@ -248,7 +264,13 @@ def _guarded(command: Command) -> Command:
             return command(args)
         except ProtocolError as exc:
             _fail(f"{exc.code}: {exc.message}")
-        except (CredentialsError, clientsfile.ClientsFileError, EndpointError, TimeoutError) as exc:
+        except (
+            CredentialsError,
+            clientsfile.ClientsFileError,
+            credentialsfile.CredentialsFileError,
+            EndpointError,
+            TimeoutError,
+        ) as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
             print(file=sys.stderr)
@@ -535,7 +557,14 @@ def _keygen(args: argparse.Namespace) -> int:
         fields["description"] = args.description
     if args.admin:
         fields["role"] = "admin"
-    entry = clientsfile.add_client(path, client_id, **fields)
+    stored: Path = args.credentials or credentialsfile.default_path()
+    if args.save:
+        credentialsfile.load(stored)  # a broken credentials file stops us before any change
+    entry = clientsfile.add_client(path, client_id, hash_only=True, **fields)
+    saved = ""
+    if args.save:
+        credentialsfile.store(stored, entry.client_id, entry.api_key)
+        saved = f" The key is stored in {stored} (mode 0600)."
     print(f"client_id: {entry.client_id}")
     if entry.role != "user":
         print(f"role: {entry.role}")
@@ -543,8 +572,8 @@ def _keygen(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     print(
         f"{'gave a new key to' if replacing else 'added'} client "
-        f"{entry.client_id!r} in {path} (mode 0600); a running daemon re-reads the file. "
-        f"The key is shown only this once.",
+        f"{entry.client_id!r} in {path} (mode 0600, only the key's hash); a running daemon "
+        f"re-reads the file. The key is shown only this once.{saved}",
         file=sys.stderr,
     )
     return 0

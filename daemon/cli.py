@@ -7,6 +7,7 @@ import sys
 
 from ..actors.config import ConfigError, add_serve_arguments, config_from_args
 from ..actors.logs import EventLog, setup_logging
+from ..protocol import credentialsfile
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -18,8 +19,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if created:
         EventLog("supervisor").info(
-            "wrote a new clients file with client local (its key is in the file)",
+            "wrote a new clients file with client local (only its key's hash; the key is in "
+            "this user's credentials file)",
             path=config.clients,
+            credentials=str(credentialsfile.default_path()),
         )
     from .supervisor import Supervisor
 

@@ -518,6 +518,7 @@ def test_credentials_from_clients_file(
 ) -> None:
     monkeypatch.delenv(credentials.ENV_CLIENT_ID, raising=False)
     monkeypatch.delenv(credentials.ENV_API_KEY, raising=False)
+    monkeypatch.setenv(credentials.ENV_CREDENTIALS, str(daemon.clients_path.with_name("none")))
     # Only the id: the key comes from the clients file (the daemon's own, here).
     with Client(daemon.endpoint, creds[0], clients_file=daemon.clients_path) as client:
         assert client.client_id == creds[0]
@@ -534,6 +535,7 @@ def test_credentials_order_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv(credentials.ENV_CLIENT_ID, raising=False)
     monkeypatch.delenv(credentials.ENV_API_KEY, raising=False)
     monkeypatch.setenv(credentials.ENV_CLIENTS, str(path))
+    monkeypatch.setenv(credentials.ENV_CREDENTIALS, str(tmp_path / "no-credentials.json"))
     found = credentials.resolve()
     assert found == (local.client_id, local.api_key)
     assert local.api_key not in repr(found) and local.api_key not in str(found)
@@ -674,11 +676,13 @@ def test_keygen_writes_a_private_clients_file(tmp_path: Path) -> None:
     assert printed["client_id"] == "dave" and printed["api_key"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     (entry,) = clientsfile.load(path)
-    assert (entry.client_id, entry.api_key) == ("dave", printed["api_key"])
+    assert printed["api_key"] not in path.read_text()  # only its hash is kept
+    assert (entry.client_id, entry.api_key) == ("dave", "")
+    assert entry.api_key_sha256 == clientsfile.key_sha256(printed["api_key"])
     assert (entry.max_sessions, entry.priority) == (3, "low")
     again = cli("keygen", "dave", "--clients", str(path))
     assert again.returncode != 0 and "--replace" in again.stderr
-    assert clientsfile.load(path)[0].api_key == printed["api_key"]
+    assert clientsfile.load(path)[0].api_key_sha256 == entry.api_key_sha256
 
 
 def test_keygen_key_authenticates_with_the_running_daemon(daemon: Daemon) -> None:
