@@ -64,6 +64,16 @@ class Unavailable(ProtocolError):
     code = "unavailable"
 
 
+class RateLimited(ProtocolError):
+    """Too many attempts (or a budget spent): `retry_after_s` says when to try again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 ERROR_TYPES: dict[str, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -78,6 +88,7 @@ ERROR_TYPES: dict[str, type[ProtocolError]] = {
         Overloaded,
         InternalError,
         Unavailable,
+        RateLimited,
     )
 }
 

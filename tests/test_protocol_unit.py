@@ -149,6 +149,7 @@ PROTOCOL_ERROR_CODES = frozenset(
         "overloaded",
         "internal",
         "unavailable",  # protocol 1.1
+        "rate_limited",  # protocol 1.1
     }
 )
 

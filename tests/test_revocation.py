@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -242,3 +243,34 @@ def test_sighup_with_an_unchanged_file_cuts_nobody(daemon: Daemon, alice: RawCli
         assert time.monotonic() < deadline, "SIGHUP not acted on"
         assert alice.request({"op": "ping"})["op"] == "pong"
     assert alice.request({"op": "list_sessions"})["op"] == "session_list"
+
+
+def test_http_guesses_from_one_address_are_slowed_then_refused_with_retry_after(
+    daemon: Daemon,
+) -> None:
+    """The HTTP actor names the peer's address to the auth actor: wrong Bearer keys from one
+    address wait their turn, and those whose turn is too far away get 429 with Retry-After.
+    (Last in this module: a right key from the address afterwards clears its backoff.)"""
+
+    def guess(n: int) -> tuple[int, str | None]:
+        request = urllib.request.Request(
+            f"{daemon.http_url}/v1/models", headers={"Authorization": f"Bearer wrong-{n:040d}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return int(response.status), None
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(max_workers=200) as pool:
+        answers = list(pool.map(guess, range(200)))
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {401, 429}, statuses
+    refused = [retry for status, retry in answers if status == 429]
+    assert refused, "no guess refused: the address was not used for the backoff"
+    assert all(retry is not None and int(retry) >= 1 for retry in refused), refused
+    assert "address=127.0.0.1" in daemon.log()
+    deadline = time.monotonic() + 30
+    while http_status(daemon, daemon.api_key) != 200:  # the right key, once its turn comes
+        assert time.monotonic() < deadline
+    print(f"200 wrong keys at once from one address: {len(refused)} refused with 429")

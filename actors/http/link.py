@@ -20,6 +20,7 @@ from ...protocol.errors import (
     InternalError,
     NotFound,
     ProtocolError,
+    RateLimited,
     error_from_body,
 )
 from ..actor import ActorLink, Body
@@ -126,21 +127,28 @@ class DaemonLink:
 
     # ---- clients ------------------------------------------------------------------------
 
-    async def authenticate_key(self, api_key: str) -> Client:
-        """The client whose key this is (HTTP's Bearer key names the client by itself)."""
-        result = await self.auth.request("authenticate_key", api_key=api_key)
+    async def authenticate_key(self, api_key: str, address: str = "") -> Client:
+        """The client whose key this is (HTTP's Bearer key names the client by itself);
+        `address`, the peer's, slows down guesses from one place (the auth actor's backoff)."""
+        result = await self.auth.request("authenticate_key", api_key=api_key, address=address)
         client = self.valid(result)
         if client is None:
             raise AuthFailed("missing or wrong api key (Authorization: Bearer <key>)")
         return client
 
-    async def authenticate(self, client_id: str, api_key: str) -> Client | None:
-        result = await self.auth.request("authenticate", client_id=client_id, api_key=api_key)
+    async def authenticate(self, client_id: str, api_key: str, address: str = "") -> Client | None:
+        result = await self.auth.request(
+            "authenticate", client_id=client_id, api_key=api_key, address=address
+        )
         return self.valid(result)
 
     def valid(self, result: Body) -> Client | None:
-        """The client of a successful auth, unless the clients file changed during the check."""
+        """The client of a successful auth, unless the clients file changed during the check;
+        an attempt the auth actor refused unchecked (too many failures) is `rate_limited`."""
         if not result.get("ok"):
+            retry = result.get("retry_after_s")
+            if isinstance(retry, (int, float)):
+                raise RateLimited(str(result.get("reason", "too many failed attempts")), retry)
             return None
         client = _client(result)
         return client if self.clients.current(client.client_id, client.fingerprint) else None

@@ -157,7 +157,8 @@ class Routes:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthenticated("missing Authorization: Bearer <api key>")
-        return await self.link.authenticate_key(key.strip())
+        address = request.client.host if request.client else ""
+        return await self.link.authenticate_key(key.strip(), address)
 
     async def read_json(self, request: Request) -> Body:
         """The body as a JSON object, at most --max-message-bytes (like a ZeroMQ message)."""

@@ -217,7 +217,8 @@ class Connection:
         client_id, api_key = _text(body, "client_id"), _text(body, "api_key")
         assert client_id is not None and api_key is not None
         self.handler.state.check()
-        client = await self.link.authenticate(client_id, api_key)
+        address = self.websocket.client.host if self.websocket.client else ""
+        client = await self.link.authenticate(client_id, api_key, address)
         if client is None:
             self.client = None
             self.owned.clear()
