@@ -21,6 +21,7 @@ from inferencecenter.daemon.testing import (
     stop_daemon,
     wait_for_pong,
 )
+from inferencecenter.protocol.clientsfile import key_sha256
 
 
 def run_serve(
@@ -87,10 +88,15 @@ def test_busy_port_fails_with_a_clear_line(tmp_path: Path) -> None:
     )
 
 
-def test_first_start_writes_a_private_clients_file_and_never_logs_the_key(tmp_path: Path) -> None:
+def test_first_start_writes_only_the_hash_and_the_key_for_this_user(tmp_path: Path) -> None:
+    """The clients file gets `local`'s hash, the user's credentials file (0600) its key, which
+    the CLI finds there; the log names both files, never the key."""
     config_home = tmp_path / "config"
     port, metrics_port = free_ports(2)
     log_path = tmp_path / "log"
+    names = ("INFERENCECENTER_CLIENT_ID", "INFERENCECENTER_API_KEY", "INFERENCECENTER_CLIENTS")
+    env = {k: v for k, v in os.environ.items() if k not in names and "CREDENTIALS" not in k}
+    env["XDG_CONFIG_HOME"] = str(config_home)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
@@ -109,23 +115,38 @@ def test_first_start_writes_a_private_clients_file_and_never_logs_the_key(tmp_pa
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "XDG_CONFIG_HOME": str(config_home)},
+            env=env,
         )
+    endpoint = f"tcp://127.0.0.1:{port}"
     try:
-        wait_for_pong(f"tcp://127.0.0.1:{port}", process, 120)
+        wait_for_pong(endpoint, process, 120)
         path = config_home / "inferencecenter" / "clients.json"
+        stored = config_home / "inferencecenter" / "credentials.json"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        entry = json.loads(path.read_text())["clients"][0]
-        assert entry["client_id"] == "local"
-        client = RawClient(f"tcp://127.0.0.1:{port}")
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+        (entry,) = json.loads(path.read_text())["clients"]
+        assert entry["client_id"] == "local" and "api_key" not in entry
+        (local,) = json.loads(stored.read_text())["credentials"]
+        key = local["api_key"]
+        assert local["client_id"] == "local" and key_sha256(key) == entry["api_key_sha256"]
+        client = RawClient(endpoint)
         try:
-            client.auth("local", entry["api_key"])
+            client.auth("local", key)
         finally:
             client.close()
+        done = subprocess.run(
+            [sys.executable, "-m", "inferencecenter.daemon", "sessions", "--endpoint", endpoint],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 0, done.stderr  # the CLI took the key from credentials.json
     finally:
         assert stop_daemon(process) == 0
     log_text = log_path.read_text()
-    assert str(path) in log_text and entry["api_key"] not in log_text
+    assert str(path) in log_text and str(stored) in log_text and key not in log_text
 
 
 def test_actors_are_processes_named_in_ps_and_sigterm_ends_streams(tmp_path: Path) -> None:

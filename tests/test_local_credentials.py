@@ -1,11 +1,10 @@
 """The local CLI's key lives in this user's credentials file (mode 0600), not in the daemon's
-clients file: the daemon's first start writes only its hash there; the lookup reads the
-credentials file (the environment still wins); `keygen` keeps only the hash and `--save` stores
-the key; `keys migrate` is a CLI command."""
+clients file (a real daemon's first start: tests/test_lifecycle.py): a broken credentials file
+stops the first start; the lookup reads the credentials file (the environment still wins);
+`keygen` keeps only the hash and `--save` stores the key; `keys migrate` is a CLI command."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -17,10 +16,7 @@ import pytest
 from inferencecenter.clients import credentials
 from inferencecenter.clients.credentials import CredentialsError
 from inferencecenter.daemon.testing import (
-    START_DEADLINE_S,
     free_ports,
-    stop_daemon,
-    wait_for_pong,
 )
 from inferencecenter.protocol import clientsfile, credentialsfile
 
@@ -51,36 +47,6 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         env=env,
         stdin=subprocess.DEVNULL,
     )
-
-
-def test_first_start_writes_only_the_hash_and_the_cli_finds_the_key(tmp_path: Path) -> None:
-    config = tmp_path / "config"
-    env = clean_env(config)
-    port, metrics_port = free_ports(2)
-    log_path = tmp_path / "daemon.log"
-    command = [
-        *(sys.executable, "-m", "inferencecenter.daemon", "serve"),
-        *("--port", str(port), "--metrics-port", str(metrics_port), "--http-port", "0"),
-        *("--parallel", "1", "--ctx-size", "512"),
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    endpoint = f"tcp://127.0.0.1:{port}"
-    try:
-        wait_for_pong(endpoint, process, START_DEADLINE_S)
-        clients = config / "inferencecenter" / "clients.json"
-        stored = config / "inferencecenter" / "credentials.json"
-        (entry,) = json.loads(clients.read_text())["clients"]
-        assert entry["client_id"] == "local" and "api_key" not in entry
-        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
-        key = credentialsfile.find(stored)
-        assert key is not None and key.client_id == "local"
-        assert clientsfile.key_sha256(key.api_key) == entry["api_key_sha256"]
-        done = cli("sessions", "--endpoint", endpoint, env=env)
-        assert done.returncode == 0, done.stderr
-        assert key.api_key not in log_path.read_text()
-    finally:
-        assert stop_daemon(process) == 0, log_path.read_text()
 
 
 def test_a_broken_credentials_file_stops_the_first_start_before_any_write(tmp_path: Path) -> None:
