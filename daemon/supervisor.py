@@ -97,6 +97,11 @@ class Supervisor:
         self.auth_link.setsockopt(zmq.LINGER, 0)
         self.auth_link.connect(internal.endpoint(self.runtime_dir, internal.AUTH))
         self.reload_asked = False
+        # Signals also wake the poll at once (their handlers only set flags).
+        self.wakeup, self.wakeup_writer = socket.socketpair()
+        for end in (self.wakeup, self.wakeup_writer):
+            end.setblocking(False)
+        self.poller.register(self.wakeup, zmq.POLLIN)
         self.registry = ModelRegistry(self.config, self.send_to_peer, self.send_to_monitor)
         self.stopping = False
         self.started = False
@@ -161,6 +166,11 @@ class Supervisor:
         """Reports of the actors (ready, fatal, heartbeats) and the model registry's ops."""
         if not self.poller.poll(timeout_ms):
             return
+        try:
+            while self.wakeup.recv(64):
+                pass
+        except BlockingIOError:
+            pass
         while True:
             try:
                 body = internal.unpack(self.inbox.recv(zmq.NOBLOCK))
@@ -300,12 +310,16 @@ class Supervisor:
         for sock in (self.inbox, self.models_socket, *links):
             if sock is not None:
                 sock.close()
+        signal.set_wakeup_fd(-1)
+        self.wakeup.close()
+        self.wakeup_writer.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         signal.signal(signal.SIGHUP, self.on_reload_signal)
+        signal.set_wakeup_fd(self.wakeup_writer.fileno(), warn_on_full_buffer=False)
         code = 0
         try:
             started = time.monotonic()
