@@ -82,6 +82,7 @@ class Stream:
     request_id: int | str | None
     session_id: str
     engine: ActorLink
+    revoked: bool = False  # aborted because its client was revoked
 
 
 Handler = Callable[[bytes, Request], Awaitable[None]]
@@ -247,6 +248,7 @@ class Gateway:
                 self.revoked.add(peer)
                 for stream in self.streams.values():
                     if stream.peer == peer:
+                        stream.revoked = True
                         stream.engine.push("abort", session_id=stream.session_id)
                         aborted += 1
             log.warning(
@@ -561,6 +563,8 @@ class Gateway:
                 end: Body = {"finish_reason": body["finish_reason"], "stats": body["stats"]}
                 if "message" in body:
                     end["message"] = body["message"]
+                if stream.revoked:
+                    end["message"] = REVOKED_MESSAGE
                 self.reply(
                     stream.peer,
                     stream.request_id,

@@ -95,7 +95,7 @@ def assert_cut(client: RawClient, since: float) -> float:
     """The running generation ends `aborted` within CUT_S, and the next request is refused."""
     end = end_of(client, "long")
     elapsed = time.monotonic() - since
-    assert end["finish_reason"] == "aborted", end
+    assert end["finish_reason"] == "aborted" and "revoked" in end["message"], end
     assert elapsed < CUT_S, f"cut after {elapsed:.2f} s"
     refused = client.request({"op": "list_sessions"})
     assert refused["op"] == "error" and refused["code"] == "unauthenticated", refused
@@ -213,11 +213,39 @@ def test_http_bearer_and_websocket_of_a_removed_client_are_refused(daemon: Daemo
                 break
         elapsed = time.monotonic() - since
         assert message["op"] == "end" and message["finish_reason"] == "aborted", message
+        assert "revoked" in message["message"]
         assert elapsed < CUT_S, f"cut after {elapsed:.2f} s"
         refused = request({"op": "create_session"})
         assert refused["op"] == "error" and refused["code"] == "unauthenticated", refused
     print(f"/ws of a removed client: cut after {elapsed * 1000:.0f} ms")
     assert http_status(daemon, daemon.api_key) == 200  # alice's key still works
+
+
+def test_a_streaming_http_generation_of_a_removed_key_ends_unauthenticated(
+    daemon: Daemon,
+) -> None:
+    key = add(daemon, "hugo")
+    body = {"prompt": "Count:", "max_tokens": 800, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(
+        f"{daemon.http_url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        events = (line[6:].strip() for line in response if line.startswith(b"data: "))
+        first = json.loads(next(events))
+        assert "choices" in first, first
+        since = time.monotonic()
+        remove(daemon, "hugo")
+        for data in events:  # the last chunks, then the error that ends the stream
+            event = json.loads(data)
+            if "error" in event:
+                break
+        elapsed = time.monotonic() - since
+    assert event["error"]["code"] == "unauthenticated", event
+    assert "revoked" in event["error"]["message"]
+    assert elapsed < CUT_S, f"cut after {elapsed:.2f} s"
+    print(f"streaming completion of a removed key: cut after {elapsed * 1000:.0f} ms")
 
 
 def test_revocation_reaches_the_gateway_after_the_auth_actor_restarted(daemon: Daemon) -> None:

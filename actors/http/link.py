@@ -27,7 +27,7 @@ from ..actor import ActorLink, Body
 from ..config import Config
 from ..logs import EventLog
 from ..models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
-from ..revocation import ClientsWatch, Table, change_of
+from ..revocation import REVOKED_MESSAGE, ClientsWatch, Table, change_of
 
 log = EventLog("http")
 
@@ -67,6 +67,7 @@ class End:
     finish_reason: str
     stats: Body
     message: str = ""
+    revoked: bool = False  # aborted because its client was revoked
 
 
 @dataclass
@@ -111,6 +112,7 @@ class DaemonLink:
         # revoked clients and says how many per client_id.
         self.revokers: list[Callable[[Table], Counter[str]]] = []
         self.generations: dict[str, Client] = {}  # running infers: session_id -> client
+        self.revoked_generations: set[str] = set()  # aborted by a revocation, not yet ended
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.models = ModelDirectory(config, internal.HTTP)
         self.monitor = ActorLink(internal.MONITOR, config)
@@ -159,6 +161,7 @@ class DaemonLink:
         aborted: Counter[str] = Counter()
         for session_id, client in list(self.generations.items()):
             if table.get(client.client_id) != client.fingerprint:
+                self.revoked_generations.add(session_id)
                 self.abort(session_id)
                 aborted[client.client_id] += 1
         connections: Counter[str] = Counter()
@@ -305,13 +308,18 @@ class DaemonLink:
             engine, ref = started[0]
             engine.forget(ref)
             self.generations.pop(session_id, None)
+            revoked = session_id in self.revoked_generations
+            self.revoked_generations.discard(session_id)
             if body.get("unloaded"):
                 send.send_nowait(End("aborted", dict(NO_STATS), UNLOADED_MESSAGE))
             elif body.get("lost"):
                 send.send_nowait(InternalError("the engine restarted; retry the request"))
             elif op == internal.END:
                 reason, stats = str(body["finish_reason"]), dict(body["stats"])
-                send.send_nowait(End(reason, stats, str(body.get("message", ""))))
+                if revoked:
+                    send.send_nowait(End(reason, stats, REVOKED_MESSAGE, revoked=True))
+                else:
+                    send.send_nowait(End(reason, stats, str(body.get("message", ""))))
             else:
                 send.send_nowait(remote_error(body))
             send.close()

@@ -401,7 +401,10 @@ class Routes:
 
 
 def check_end(end: End) -> None:
-    """An end that is no answer: the engine failed, or the daemon is stopping."""
+    """An end that is no answer: the engine failed, the client was revoked, or the daemon is
+    stopping."""
+    if end.revoked:
+        raise Unauthenticated(end.message)
     if end.finish_reason == "error":
         raise InternalError(end.message or "the generation failed")
     if end.finish_reason == "aborted":
