@@ -16,12 +16,14 @@ from ...protocol import internal
 from ...protocol.errors import (
     ERROR_TYPES,
     AuthFailed,
+    BadRequest,
     Forbidden,
     InternalError,
     NotFound,
     ProtocolError,
     error_from_body,
 )
+from ...protocol.messages import MAX_SYSTEM_PROMPT_BYTES as MAX_SYSTEM
 from ..actor import ActorLink, Body
 from ..config import Config
 from ..logs import EventLog
@@ -135,6 +137,8 @@ class DaemonLink:
     ) -> tuple[str, int]:
         """A new session of `client` in the sessions actor and its model's engine (loaded on
         demand): (id, ctx_size)."""
+        if system_prompt and len(system_prompt.encode("utf-8", "surrogatepass")) > MAX_SYSTEM:
+            raise BadRequest(f"the system prompt is longer than {MAX_SYSTEM} bytes")
         if not self.models.known(model):
             await self.models.engine(model)  # not_found, unless --models-dir has it now
         created = await self.sessions.request(
