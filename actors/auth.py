@@ -16,6 +16,7 @@ import trio
 from ..protocol import clientsfile, internal
 from ..protocol.clientsfile import ClientEntry, ClientsFileError
 from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
+from .budgets import Budgets
 from .config import Config
 from .logs import EventLog
 
@@ -240,6 +241,7 @@ def _top(counter: Counter[str]) -> str:
 class AuthActor:
     def __init__(self, config: Config, monitor: ActorLink | None = None) -> None:
         self.registry = ClientRegistry(Path(config.clients))
+        self.budgets = Budgets.defaults(config)
         self.monitor = monitor
         self.backoff = Backoff()
         self.failures = FailureLog(lambda event, fields: log.warning(event, **fields))
@@ -321,6 +323,7 @@ class AuthActor:
             max_sessions=entry.max_sessions,
             priority=entry.priority,
             role=getattr(entry, "role", "user"),
+            budgets=self.budgets.overridden(entry).to_wire(),
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -21,11 +21,12 @@ from ..protocol.errors import (
     Overloaded,
     ProtocolError,
     Unauthenticated,
-    error_body,
+    error_from_body,
 )
 from ..protocol.messages import Request
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorLink, Body, report_to_supervisor
+from .budgets import Admissions, Budgets, PromptBounds
 from .config import Config
 from .logs import EventLog
 from .models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
@@ -58,6 +59,7 @@ class ClientState:
     max_sessions: int
     priority: str
     role: str = "user"
+    budgets: Budgets = field(default_factory=Budgets)
 
     @property
     def admin(self) -> bool:
@@ -102,6 +104,8 @@ class Gateway:
         self.nursery: trio.Nursery | None = None
         self.auth = ActorLink(internal.AUTH, config)
         self.sessions = ActorLink(internal.SESSIONS, config)
+        self.admissions = Admissions(self.sessions, internal.GATEWAY)
+        self.prompt_bounds = PromptBounds()
         self.models = ModelDirectory(config, internal.GATEWAY)
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
@@ -142,11 +146,10 @@ class Gateway:
         self.frontend.send([peer, wire.TAG, wire.pack(body)])
 
     def reply_error(self, peer: bytes, request_id: int | str | None, exc: ProtocolError) -> None:
-        self.frontend.send(
-            [peer, wire.TAG, wire.pack(error_body(exc.code, exc.message, request_id))]
-        )
+        self.frontend.send([peer, wire.TAG, wire.pack(exc.to_body(request_id))])
 
     async def run(self) -> None:
+        self.admissions.restarted()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for link in (self.auth, self.sessions, self.models):
@@ -316,6 +319,7 @@ class Gateway:
             result["max_sessions"],
             result["priority"],
             str(result.get("role", "user")),
+            Budgets.from_wire(result.get("budgets")),
         )
         self.clients[peer] = state
         self.reply(
@@ -369,13 +373,15 @@ class Gateway:
         for attempt in range(ENGINE_OPEN_ATTEMPTS):
             try:
                 engine = await self.models.engine(model)
-                return await engine.request(
+                opened = await engine.request(
                     "open",
                     timeout=max(0.0, deadline - trio.current_time()),
                     session_id=session_id,
                     system_prompt=system_prompt,
                     client_id=client_id,
                 )
+                self.prompt_bounds.learn(engine.name, opened)
+                return opened
             except ProtocolError as exc:
                 if not isinstance(exc, InternalError):
                     with trio.CancelScope(shield=True):
@@ -462,8 +468,21 @@ class Gateway:
         fields = request.fields
         session_id = fields["session_id"]
         state, owner = await self.owned_session(peer, session_id)
-        # A model that was unloaded is loaded again; its sessions go on from their histories.
-        engine = self.models.link(owner.model) or await self.models.engine(owner.model)
+        engine = self.models.link(owner.model)
+        if engine is not None:  # a prompt too long by its length is never forwarded
+            self.prompt_bounds.check(
+                engine.name,
+                fields.get("prompt"),
+                fields.get("messages"),
+                state.budgets.max_prompt_tokens,
+            )
+        ticket = await self.admissions.admit(state.client_id, state.budgets)
+        try:
+            # A model that was unloaded is loaded again; its sessions go on from their histories.
+            engine = engine or await self.models.engine(owner.model)
+        except BaseException:
+            self.admissions.release(state.client_id, ticket)
+            raise
         stream = Stream(peer, request.id, session_id, engine)
         payload: Body = {
             "session_id": session_id,
@@ -471,6 +490,7 @@ class Gateway:
             "reset": fields["reset"],
             "priority": state.priority,
             "client_id": state.client_id,
+            "max_prompt_tokens": state.budgets.max_prompt_tokens,
         }
         if "prompt" in fields:
             payload["prompt"] = fields["prompt"]
@@ -494,6 +514,8 @@ class Gateway:
                 return
             engine.forget(ref)
             self.streams.pop((engine.name, ref), None)
+            generated = body["stats"]["tokens"] if op == internal.END else 0
+            self.admissions.release(state.client_id, ticket, int(generated))
             if body.get("unloaded"):  # its model was unloaded under it
                 self.reply(
                     stream.peer,
@@ -526,17 +548,11 @@ class Gateway:
                     **end,
                 )
             else:
-                code = str(body.get("code", "internal"))
-                if code == NotFound.code:
+                error = error_from_body(body)
+                if error.code == NotFound.code:
                     self.forget_owner(stream.session_id)
                 self.frontend.send(
-                    [
-                        stream.peer,
-                        wire.TAG,
-                        wire.pack(
-                            error_body(code, str(body.get("message", "")), stream.request_id)
-                        ),
-                    ]
+                    [stream.peer, wire.TAG, wire.pack(error.to_body(stream.request_id))]
                 )
 
         ref = engine.stream("infer", on_message, **payload)

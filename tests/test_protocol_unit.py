@@ -149,6 +149,7 @@ PROTOCOL_ERROR_CODES = frozenset(
         "overloaded",
         "internal",
         "unavailable",  # protocol 1.1
+        "rate_limited",  # protocol 1.1
     }
 )
 
@@ -158,6 +159,19 @@ def test_every_error_code_has_one_exception_type() -> None:
     for code, cls in errors.ERROR_TYPES.items():
         exc = errors.error_from_body({"op": "error", "code": code, "message": "m"})
         assert type(exc) is cls and exc.code == code
+
+
+def test_rate_limited_carries_retry_after_s_both_ways() -> None:
+    body = errors.RateLimited("spent", 12.5).to_body("r1")
+    assert body == {
+        "op": "error",
+        "id": "r1",
+        "code": "rate_limited",
+        "message": "spent",
+        "retry_after_s": 12.5,
+    }
+    exc = errors.error_from_body(body)
+    assert isinstance(exc, errors.RateLimited) and exc.retry_after_s == 12.5
 
 
 def test_error_body_omits_absent_id() -> None:

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...protocol.errors import BadRequest, Busy, NotFound, Overloaded, TooLarge
+from ...protocol.errors import BadRequest, Busy, NotFound, Overloaded
 from ...protocol.messages import MAX_GRAMMAR_BYTES, SamplingParams
+from ..budgets import check_length, input_chars, prompt_limit, too_large
 from ..config import Config
 from ..logs import EventLog
 from .backend import DecodeError, Logprobs
@@ -62,14 +63,6 @@ class Arrival:
 
 
 Tokenized = tuple[list[int], tuple[int, ...] | None]  # new tokens, the shareable prefix
-
-
-def input_chars(prompt: str | None, turns: list[dict[str, str]] | None, system: str | None) -> int:
-    """Characters of an infer's input, its system prompt included when it starts the context."""
-    chars = len(prompt or "") + len(system or "")
-    for turn in turns or ():
-        chars += len(turn.get("content", ""))
-    return chars
 
 
 class EngineCore:
@@ -237,24 +230,13 @@ class EngineCore:
         if params.grammar is not None:
             self.check_grammar(params.grammar)
         fresh = reset or not session.tokens
-        # The new tokens must leave a position to generate into; a client's budget may be less.
-        limit = self.n_ctx - 1
-        if max_prompt_tokens > 0:
-            limit = min(limit, max_prompt_tokens)
+        limit = prompt_limit(self.n_ctx, max_prompt_tokens)
         chars = input_chars(prompt, messages, session.system_prompt if fresh else None)
-        if chars > self.max_token_bytes * limit:  # a char is a byte or more: no tokenizing
-            raise TooLarge(
-                self.too_large_message(f"at least {chars // self.max_token_bytes}", limit)
-            )
+        check_length(chars, limit, self.n_ctx, self.max_token_bytes)
         job = Job(job_id, session, params, client_id, messages, priority, t_arrival=self.clock())
         arrival = Arrival(job, fresh, reset, prompt, limit, chars)
         self.arriving[session_id] = arrival
         return arrival
-
-    def too_large_message(self, tokens: str, limit: int) -> str:
-        if limit < self.n_ctx - 1:
-            return f"the prompt has {tokens} tokens, over this client's max_prompt_tokens ({limit})"
-        return f"the prompt has {tokens} tokens; a session holds {self.n_ctx}"
 
     def tokenize(self, arrival: Arrival) -> Tokenized:
         """The arrival's new tokens: called on the loop for a short input, in the tokenizer
@@ -278,7 +260,7 @@ class EngineCore:
             self.send_end(job, "aborted")
             return job
         if len(new_tokens) > arrival.limit:
-            raise TooLarge(self.too_large_message(str(len(new_tokens)), arrival.limit))
+            raise too_large(str(len(new_tokens)), arrival.limit, self.n_ctx)
         held = 0 if reset else len(session.tokens)
         if held + len(new_tokens) >= self.n_ctx:
             job.cached_tokens = 0 if reset else session.n_past

@@ -88,7 +88,7 @@ class EngineActor:
             body["session_id"], body.get("system_prompt"), str(body.get("client_id", ""))
         )
         self.send_events()
-        caller.reply(ctx_size=ctx_size)
+        caller.reply(ctx_size=ctx_size, max_token_bytes=self.core.max_token_bytes)
 
     def close(self, body: Body, caller: Caller) -> None:
         closed = self.core.close(body["session_id"], if_idle=bool(body.get("if_idle")))
