@@ -117,7 +117,10 @@ class EngineActor:
             h
             for h in snapshot["sessions"]
             if self.core.sessions.get(h["session_id"]) is None
-            or self.core.sessions[h["session_id"]].job is None
+            or (
+                self.core.sessions[h["session_id"]].job is None
+                and h["session_id"] not in self.core.arriving  # its input is being tokenized
+            )
         ]
         for history in fresh:
             session = self.core.sessions.get(history["session_id"])
