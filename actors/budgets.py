@@ -190,6 +190,28 @@ class BudgetBook:
         return 0 if count is None else len(count.in_flight)
 
 
+class RefusalPenalty:
+    """A client whose infers keep being refused over a budget (too_large, rate_limited) waits
+    before the next request of any of its connections is served: 0.1 s more for each refusal
+    in a row, at most 1 s, until one of its infers ends. A client that sends over-long prompts
+    as fast as they are refused would otherwise spend a core of the daemon's on decoding them;
+    one that honours retry_after_s, or sends one over-long prompt, never waits."""
+
+    STEP_S = 0.1
+    MAX_S = 1.0
+
+    def __init__(self) -> None:
+        self.streak = 0
+        self.until = 0.0  # no request of the client is served before this time
+
+    def refused(self, now: float) -> None:
+        self.streak += 1
+        self.until = now + min(self.MAX_S, self.STEP_S * self.streak)
+
+    def served(self) -> None:
+        self.streak = 0
+
+
 class Admissions:
     """A front actor's side of the book: each infer it forwards is admitted first (one
     request to the sessions actor) and released when its end (or error) comes back."""

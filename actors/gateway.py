@@ -20,13 +20,15 @@ from ..protocol.errors import (
     NotFound,
     Overloaded,
     ProtocolError,
+    RateLimited,
+    TooLarge,
     Unauthenticated,
     error_from_body,
 )
 from ..protocol.messages import Request
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorLink, Body, report_to_supervisor
-from .budgets import Admissions, Budgets, PromptBounds
+from .budgets import Admissions, Budgets, PromptBounds, RefusalPenalty
 from .config import Config
 from .logs import EventLog
 from .models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
@@ -106,6 +108,8 @@ class Gateway:
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.admissions = Admissions(self.sessions, internal.GATEWAY)
         self.prompt_bounds = PromptBounds()
+        # By client_id (its connections share it; the clients file bounds how many).
+        self.penalties: dict[str, RefusalPenalty] = {}
         self.models = ModelDirectory(config, internal.GATEWAY)
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
@@ -258,13 +262,27 @@ class Gateway:
             except trio.EndOfChannel:  # the connection is gone
                 return
             self.queued -= 1
+            state = self.clients.get(peer)
+            penalty = self.penalties.get(state.client_id) if state is not None else None
+            if penalty is not None:
+                await trio.sleep_until(penalty.until)
             try:
                 await self.handlers[request.op](peer, request)
+            except (TooLarge, RateLimited) as exc:
+                if state is not None:
+                    self.penalty_of(state.client_id).refused(trio.current_time())
+                self.reply_error(peer, request.id, exc)
             except ProtocolError as exc:
                 self.reply_error(peer, request.id, exc)
             except Exception:
                 log.exception("request failed", op=request.op)
                 self.reply_error(peer, request.id, InternalError("the request failed"))
+
+    def penalty_of(self, client_id: str) -> RefusalPenalty:
+        penalty = self.penalties.get(client_id)
+        if penalty is None:
+            penalty = self.penalties[client_id] = RefusalPenalty()
+        return penalty
 
     def client_of(self, peer: bytes) -> ClientState:
         state = self.clients.get(peer)
@@ -537,6 +555,8 @@ class Gateway:
                     message="the engine restarted; the session goes on with its next infer",
                 )
             elif op == internal.END:
+                if state.client_id in self.penalties:
+                    self.penalties[state.client_id].served()
                 end: Body = {"finish_reason": body["finish_reason"], "stats": body["stats"]}
                 if "message" in body:
                     end["message"] = body["message"]
@@ -551,6 +571,8 @@ class Gateway:
                 error = error_from_body(body)
                 if error.code == NotFound.code:
                     self.forget_owner(stream.session_id)
+                if isinstance(error, TooLarge):  # over budget by its tokens
+                    self.penalty_of(state.client_id).refused(trio.current_time())
                 self.frontend.send(
                     [stream.peer, wire.TAG, wire.pack(error.to_body(stream.request_id))]
                 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import threading
 import time
 import urllib.error
@@ -35,6 +36,7 @@ HUGE_PROMPT = "word " * 200_000
 # Under the length bound (48 bytes a token at most for gemma, times 1,023), so it is tokenized,
 # in the tokenizer thread, before it is found over the context.
 LONG_PROMPT = "word " * 9_000
+TURNS = 5
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +104,18 @@ def timed_stream(client: RawClient, session_id: str, request_id: str, tokens: in
         return (count - 1) / (time.perf_counter() - first)
 
 
-def flood(daemon: Daemon, prompt: str, stop: threading.Event, refused: list[float]) -> None:
-    """Over-long prompts from bob, one after the other, until `stop`; each must be too_large."""
+def flood(
+    daemon: Daemon, prompt: str, on: threading.Event, stop: threading.Event, refused: list[float]
+) -> None:
+    """Over-long prompts from bob, one after the other while `on`, until `stop`; each must be
+    too_large."""
     client = connect(daemon, "bob")
     try:
         session_id = new_session(client)
         n = 0
         while not stop.is_set():
+            if not on.wait(0.05):
+                continue
             n += 1
             started = time.perf_counter()
             reply = client.request(
@@ -125,38 +132,49 @@ def flood(daemon: Daemon, prompt: str, stop: threading.Event, refused: list[floa
 def test_over_long_prompts_of_three_clients_do_not_slow_another_stream(
     daemon: Daemon, alice: RawClient
 ) -> None:
-    """Measured side by side: alice's stream alone, then while three connections send prompts
-    just under 1 MiB and prompts that must be tokenized (9,000 tokens) without a pause."""
+    """Measured side by side: alice's stream alone and while three connections send prompts
+    just under 1 MiB and prompts that must be tokenized (9,000 tokens) without a pause, in
+    turns (the machine is shared and its other load drifts: the medians of five turns each are
+    compared)."""
     session_id = new_session(alice)
     timed_stream(alice, session_id, "warm", 20)
-    alone = timed_stream(alice, session_id, "alone", 120)
-    stop = threading.Event()
+    on, stop = threading.Event(), threading.Event()
     refused: list[list[float]] = [[], [], []]
     prompts = (HUGE_PROMPT, HUGE_PROMPT, LONG_PROMPT)
     threads = [
-        threading.Thread(target=flood, args=(daemon, prompt, stop, times), daemon=True)
+        threading.Thread(target=flood, args=(daemon, prompt, on, stop, times), daemon=True)
         for prompt, times in zip(prompts, refused, strict=True)
     ]
     for thread in threads:
         thread.start()
+    alone: list[float] = []
+    loaded: list[float] = []
     try:
-        deadline = time.monotonic() + 60
-        while not all(refused) and time.monotonic() < deadline:  # every flood is under way
-            time.sleep(0.05)
-        assert all(refused), "the floods did not start"
-        loaded = timed_stream(alice, session_id, "loaded", 120)
+        for turn in range(TURNS):
+            alone.append(timed_stream(alice, session_id, f"alone{turn}", 40))
+            seen = [len(times) for times in refused]
+            on.set()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(
+                len(times) == count for times, count in zip(refused, seen, strict=True)
+            ):
+                time.sleep(0.02)  # every flood is under way
+            loaded.append(timed_stream(alice, session_id, f"loaded{turn}", 40))
+            on.clear()
     finally:
         stop.set()
+        on.set()
         for thread in threads:
             thread.join(60)
+    alone_median, loaded_median = statistics.median(alone), statistics.median(loaded)
     counts = [len(times) for times in refused]
-    slowest = max(max(times) for times in refused)
+    slowest = [round(max(times) * 1000) for times in refused]
     print(
-        f"\nalice's stream: {alone:.1f} tokens/s alone, {loaded:.1f} tokens/s while bob's "
-        f"prompts were refused ({counts} too_large, the slowest answered in "
-        f"{slowest * 1000:.0f} ms): {loaded / alone:.0%}"
+        f"\nalice's stream, tokens/s: alone {[round(x, 1) for x in alone]}, beside bob's "
+        f"over-long prompts {[round(x, 1) for x in loaded]}: {loaded_median / alone_median:.0%} "
+        f"(too_large: {counts} for 1 MiB, 1 MiB, 45 kB prompts; the slowest in {slowest} ms)"
     )
-    assert loaded >= 0.8 * alone, (alone, loaded)
+    assert loaded_median >= 0.8 * alone_median, (alone, loaded)
 
 
 def test_a_prompt_over_the_context_or_the_clients_budget_is_too_large(
@@ -195,8 +213,15 @@ def test_out_of_bound_params_are_bad_request(alice: RawClient) -> None:
         assert (reply["op"], reply["code"]) == ("error", "bad_request"), (fields, reply)
     reply = alice.request({"op": "create_session", "system_prompt": "x" * (32 * 1024 + 1)})
     assert (reply["op"], reply["code"]) == ("error", "bad_request"), reply
-    _, end = run_infer(alice, session_id, prompt="Hi", params={"max_tokens": CTX, "stop": ["."]})
-    assert end["finish_reason"] in ("stop", "length")
+    # At the bounds it is served.
+    params = {"max_tokens": CTX, "stop": ["x" * 256], "ignore_eos": True}
+    alice.send(
+        {"op": "infer", "id": "edge", "session_id": session_id, "prompt": "Hi", "params": params}
+    )
+    assert alice.recv_for("edge")["op"] == "token"
+    alice.request({"op": "abort", "session_id": session_id})
+    _, end = alice.stream("edge")
+    assert end["finish_reason"] == "aborted"
 
 
 def test_max_queued_gives_rate_limited_and_the_client_goes_on(daemon: Daemon) -> None:

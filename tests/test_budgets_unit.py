@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from inferencecenter.actors.budgets import WINDOW_S, BudgetBook, Budgets
+from inferencecenter.actors.budgets import WINDOW_S, BudgetBook, Budgets, RefusalPenalty
 from inferencecenter.actors.config import (
     Config,
     ConfigError,
@@ -105,3 +105,15 @@ def test_a_negative_budget_flag_is_refused_with_its_name(tmp_path: Path, flag: s
     args = parser.parse_args([flag, "-1", "--clients", str(tmp_path / "clients.json")])
     with pytest.raises(ConfigError, match=flag):
         config_from_args(args)
+
+
+def test_refusals_in_a_row_make_the_connection_wait_longer_up_to_a_second() -> None:
+    penalty = RefusalPenalty()
+    waits = []
+    for now in range(15):
+        penalty.refused(float(now))
+        waits.append(round(penalty.until - now, 3))
+    assert waits[:3] == [0.1, 0.2, 0.3] and waits[-1] == 1.0
+    penalty.served()
+    penalty.refused(100.0)
+    assert penalty.until == pytest.approx(100.1)

@@ -29,6 +29,7 @@ from .jobs import (
 )
 from .planner import PadRows
 from .startup import choose_padding, load_backend
+from .tokenizer import TokenizerThread
 from .worker import DecodeThread, StepResult, execute_step
 
 log = EventLog("engine")
@@ -69,8 +70,7 @@ class EngineActor:
         self.server: ActorServer | None = None  # the socket the callers' messages go out on
         self.next_job_id = 0
         self.more_coming = False  # the last infer said others were sent with it
-        # Long inputs are tokenized one at a time: they take one core at most from the decode.
-        self.tokenizer = trio.CapacityLimiter(1)
+        self.tokenizer = TokenizerThread()
         self.handlers = {
             "open": self.open,
             "close": self.close,
@@ -131,8 +131,8 @@ class EngineActor:
 
     def infer(self, body: Body, caller: Caller) -> Awaitable[None] | None:
         """Checked at once, in the order infers and aborts arrive; a long input is then
-        tokenized in the tokenizer thread, one at a time, while the loop goes on stepping (a
-        1 MiB prompt costs the tokenizer ~0.6 s)."""
+        tokenized in the tokenizer thread (tokenizer.py) while the loop goes on stepping (a
+        1 MiB prompt costs ~0.6 s)."""
         self.next_job_id += 1
         job_id = self.next_job_id
         self.more_coming = bool(body.get("more"))
@@ -167,9 +167,7 @@ class EngineActor:
     async def tokenize_off_loop(self, arrival: Arrival) -> None:
         try:
             try:
-                tokenized = await trio.to_thread.run_sync(
-                    self.core.tokenize, arrival, limiter=self.tokenizer
-                )
+                tokenized = await self.tokenizer.run(functools.partial(self.core.tokenize, arrival))
             except BaseException:
                 self.core.drop(arrival)
                 raise
@@ -253,6 +251,7 @@ class EngineActor:
     async def run(self) -> None:
         core = self.core
         self.decoder.start()
+        self.tokenizer.start()
         while True:
             await trio.lowlevel.checkpoint()  # steps wait for their results shielded
             if core.going_on:  # the decode thread went on by itself
@@ -392,4 +391,5 @@ async def main(config: Config, stop: trio.Event) -> None:
             nursery.cancel_scope.cancel()
     finally:
         engine.decoder.stop(wait_s=10.0)  # never close the context under a decode
+        engine.tokenizer.stop()  # nor the model under a tokenize
         backend.close()
