@@ -11,6 +11,10 @@ count the same whichever way they come.
 - `max_queued`: the client's infers waiting or running at once (0: no limit).
 - `tokens_per_minute`: tokens generated in the last 60 s, counted when each infer ends; a new
   infer is refused while the window holds that many (0: no limit).
+
+Also here, for the front actors: `PromptBounds` (a prompt too long by its length alone is
+refused before it reaches the engine) and `RefusalPenalty` (a client refused again and again
+waits before its next request).
 """
 
 from __future__ import annotations
