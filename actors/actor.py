@@ -42,7 +42,7 @@ class Caller:
         self.send(internal.REPLY, **fields)
 
     def error(self, exc: ProtocolError) -> None:
-        self.send(internal.ERROR, code=exc.code, message=exc.message)
+        self.send(internal.ERROR, code=exc.code, message=exc.message, **exc.extra())
 
 
 Handler = Callable[[Body, Caller], Awaitable[None] | None]

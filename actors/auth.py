@@ -17,6 +17,7 @@ from ..protocol import clientsfile, internal
 from ..protocol.clientsfile import ClientEntry, ClientsFileError
 from . import revocation
 from .actor import ActorLink, ActorServer, Body, Caller, report_to_supervisor
+from .budgets import Budgets
 from .config import Config
 from .logs import EventLog
 
@@ -261,6 +262,7 @@ def _top(counter: Counter[str]) -> str:
 class AuthActor:
     def __init__(self, config: Config, monitor: ActorLink | None = None) -> None:
         self.registry = ClientRegistry(Path(config.clients))
+        self.budgets = Budgets.defaults(config)
         self.monitor = monitor
         self.backoff = Backoff()
         self.failures = FailureLog(lambda event, fields: log.warning(event, **fields))
@@ -366,6 +368,7 @@ class AuthActor:
             priority=entry.priority,
             role=getattr(entry, "role", "user"),
             fingerprint=revocation.fingerprint(entry),
+            budgets=self.budgets.overridden(entry).to_wire(),
         )
 
 

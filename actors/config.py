@@ -37,6 +37,10 @@ class Config:
     threads: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_queue: int = 64
+    # Each client's budgets unless its clients-file entry says otherwise (actors/budgets.py).
+    max_prompt_tokens: int = 0  # 0: what the session can hold
+    max_queued: int = 32  # 0: no limit
+    tokens_per_minute: int = 0  # 0: no limit
     session_cache_mb: int = 1024
     prefill_chunk: int = 128
     step_budget_ms: float = 100.0
@@ -136,6 +140,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument("--max-queue", type=int, default=64, help="infers waiting for a slot")
+    budget = "each client's default; a clients-file entry may set its own"
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=0, help=f"new tokens per infer (0: ctx), {budget}"
+    )
+    parser.add_argument(
+        "--max-queued", type=int, default=32, help=f"infers waiting or running (0: any), {budget}"
+    )
+    parser.add_argument(
+        "--tokens-per-minute", type=int, default=0, help=f"tokens generated (0: any), {budget}"
+    )
     parser.add_argument(
         "--session-cache-mb", type=int, default=1024, help="host memory for evicted sessions' KV"
     )
@@ -283,6 +297,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         raise ConfigError("--max-message-bytes must be in 1024..67108864")
     if args.max_queue < 0:
         raise ConfigError("--max-queue must be >= 0")
+    for flag in ("max_prompt_tokens", "max_queued", "tokens_per_minute"):
+        if not 0 <= getattr(args, flag) < 2**31:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0 (0: no limit)")
     if args.session_cache_mb < 0:
         raise ConfigError("--session-cache-mb must be >= 0")
     if args.prefill_chunk < 1:
@@ -347,6 +364,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         threads=args.threads or (os.cpu_count() or 1),
         max_message_bytes=args.max_message_bytes,
         max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_queued=args.max_queued,
+        tokens_per_minute=args.tokens_per_minute,
         session_cache_mb=args.session_cache_mb,
         prefill_chunk=args.prefill_chunk,
         step_budget_ms=args.step_budget_ms,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -20,12 +20,15 @@ from ..protocol.errors import (
     NotFound,
     Overloaded,
     ProtocolError,
+    RateLimited,
+    TooLarge,
     Unauthenticated,
-    error_body,
+    error_from_body,
 )
 from ..protocol.messages import Request
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorLink, Body, report_to_supervisor
+from .budgets import Admissions, Budgets, PromptBounds, RefusalPenalty
 from .config import Config
 from .logs import EventLog
 from .models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
@@ -60,6 +63,7 @@ class ClientState:
     priority: str
     role: str = "user"
     fingerprint: str = ""  # what it authenticated with (see revocation)
+    budgets: Budgets = field(default_factory=Budgets)
 
     @property
     def admin(self) -> bool:
@@ -108,6 +112,10 @@ class Gateway:
         self.clients_watch.listeners.append(self.revoke)
         self.revoked: set[bytes] = set()  # connections whose client was revoked since its auth
         self.sessions = ActorLink(internal.SESSIONS, config)
+        self.admissions = Admissions(self.sessions, internal.GATEWAY)
+        self.prompt_bounds = PromptBounds()
+        # By client_id (its connections share it; the clients file bounds how many).
+        self.penalties: dict[str, RefusalPenalty] = {}
         self.models = ModelDirectory(config, internal.GATEWAY)
         self.clients: dict[bytes, ClientState] = {}
         self.queues: dict[bytes, trio.MemorySendChannel[Request]] = {}
@@ -148,11 +156,10 @@ class Gateway:
         self.frontend.send([peer, wire.TAG, wire.pack(body)])
 
     def reply_error(self, peer: bytes, request_id: int | str | None, exc: ProtocolError) -> None:
-        self.frontend.send(
-            [peer, wire.TAG, wire.pack(error_body(exc.code, exc.message, request_id))]
-        )
+        self.frontend.send([peer, wire.TAG, wire.pack(exc.to_body(request_id))])
 
     async def run(self) -> None:
+        self.admissions.restarted()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for link in (self.auth, self.sessions, self.models):
@@ -290,13 +297,27 @@ class Gateway:
             except trio.EndOfChannel:  # the connection is gone
                 return
             self.queued -= 1
+            state = self.clients.get(peer)
+            penalty = self.penalties.get(state.client_id) if state is not None else None
+            if penalty is not None:
+                await trio.sleep_until(penalty.until)
             try:
                 await self.handlers[request.op](peer, request)
+            except (TooLarge, RateLimited) as exc:
+                if state is not None:
+                    self.penalty_of(state.client_id).refused(trio.current_time())
+                self.reply_error(peer, request.id, exc)
             except ProtocolError as exc:
                 self.reply_error(peer, request.id, exc)
             except Exception:
                 log.exception("request failed", op=request.op)
                 self.reply_error(peer, request.id, InternalError("the request failed"))
+
+    def penalty_of(self, client_id: str) -> RefusalPenalty:
+        penalty = self.penalties.get(client_id)
+        if penalty is None:
+            penalty = self.penalties[client_id] = RefusalPenalty()
+        return penalty
 
     def client_of(self, peer: bytes) -> ClientState:
         state = self.clients.get(peer)
@@ -352,6 +373,7 @@ class Gateway:
             result["priority"],
             str(result.get("role", "user")),
             str(result.get("fingerprint", "")),
+            Budgets.from_wire(result.get("budgets")),
         )
         if not self.clients_watch.current(state.client_id, state.fingerprint):
             # The file changed while the key was checked (the table came first): not valid now.
@@ -412,13 +434,15 @@ class Gateway:
         for attempt in range(ENGINE_OPEN_ATTEMPTS):
             try:
                 engine = await self.models.engine(model)
-                return await engine.request(
+                opened = await engine.request(
                     "open",
                     timeout=max(0.0, deadline - trio.current_time()),
                     session_id=session_id,
                     system_prompt=system_prompt,
                     client_id=client_id,
                 )
+                self.prompt_bounds.learn(engine.name, opened)
+                return opened
             except ProtocolError as exc:
                 if not isinstance(exc, InternalError):
                     with trio.CancelScope(shield=True):
@@ -505,10 +529,23 @@ class Gateway:
         fields = request.fields
         session_id = fields["session_id"]
         state, owner = await self.owned_session(peer, session_id)
-        # A model that was unloaded is loaded again; its sessions go on from their histories.
-        engine = self.models.link(owner.model) or await self.models.engine(owner.model)
-        if self.clients.get(peer) is not state:  # revoked (or gone) while this waited
-            raise Unauthenticated(REVOKED_MESSAGE)
+        engine = self.models.link(owner.model)
+        if engine is not None:  # a prompt too long by its length is never forwarded
+            self.prompt_bounds.check(
+                engine.name,
+                fields.get("prompt"),
+                fields.get("messages"),
+                state.budgets.max_prompt_tokens,
+            )
+        ticket = await self.admissions.admit(state.client_id, state.budgets)
+        try:
+            # A model that was unloaded is loaded again; its sessions go on from their histories.
+            engine = engine or await self.models.engine(owner.model)
+            if self.clients.get(peer) is not state:  # revoked (or gone) while this waited
+                raise Unauthenticated(REVOKED_MESSAGE)
+        except BaseException:
+            self.admissions.release(state.client_id, ticket)
+            raise
         stream = Stream(peer, request.id, session_id, engine)
         payload: Body = {
             "session_id": session_id,
@@ -516,6 +553,7 @@ class Gateway:
             "reset": fields["reset"],
             "priority": state.priority,
             "client_id": state.client_id,
+            "max_prompt_tokens": state.budgets.max_prompt_tokens,
         }
         if "prompt" in fields:
             payload["prompt"] = fields["prompt"]
@@ -539,6 +577,8 @@ class Gateway:
                 return
             engine.forget(ref)
             self.streams.pop((engine.name, ref), None)
+            generated = body["stats"]["tokens"] if op == internal.END else 0
+            self.admissions.release(state.client_id, ticket, int(generated))
             if body.get("unloaded"):  # its model was unloaded under it
                 self.reply(
                     stream.peer,
@@ -560,6 +600,8 @@ class Gateway:
                     message="the engine restarted; the session goes on with its next infer",
                 )
             elif op == internal.END:
+                if state.client_id in self.penalties:
+                    self.penalties[state.client_id].served()
                 end: Body = {"finish_reason": body["finish_reason"], "stats": body["stats"]}
                 if "message" in body:
                     end["message"] = body["message"]
@@ -573,17 +615,13 @@ class Gateway:
                     **end,
                 )
             else:
-                code = str(body.get("code", "internal"))
-                if code == NotFound.code:
+                error = error_from_body(body)
+                if error.code == NotFound.code:
                     self.forget_owner(stream.session_id)
+                if isinstance(error, TooLarge):  # over budget by its tokens
+                    self.penalty_of(state.client_id).refused(trio.current_time())
                 self.frontend.send(
-                    [
-                        stream.peer,
-                        wire.TAG,
-                        wire.pack(
-                            error_body(code, str(body.get("message", "")), stream.request_id)
-                        ),
-                    ]
+                    [stream.peer, wire.TAG, wire.pack(error.to_body(stream.request_id))]
                 )
 
         ref = engine.stream("infer", on_message, **payload)

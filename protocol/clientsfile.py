@@ -1,6 +1,8 @@
 """The clients file: who may connect, with which key, how many sessions and what priority.
 
-Format (kept from the original InferenceCenter, plus `role`):
+Format (kept from the original InferenceCenter, plus `role` and the optional budgets
+`max_prompt_tokens`, `max_queued`, `tokens_per_minute`: integers >= 0, 0 for no limit, absent
+for the daemon's default):
 `{"clients": [{"client_id", "api_key", "max_sessions", "priority", "description", "role"}]}`
 
 A key is stored as `api_key_sha256` (hex) in place of `api_key`: a stolen file then gives no
@@ -26,6 +28,8 @@ DEFAULT_MAX_SESSIONS = 8
 LOCAL_CLIENT_ID = "local"
 # A hand-written key shorter than this is refused (a generated one has 46 characters).
 MIN_KEY_CHARS = 32
+# Per-client budgets an entry may set (actors/budgets.py enforces them).
+BUDGETS = ("max_prompt_tokens", "max_queued", "tokens_per_minute")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -44,6 +48,9 @@ class ClientEntry:
     # The key's SHA-256 (hex), computed from api_key when that is given; api_key is "" when the
     # file holds only the hash.
     api_key_sha256: str = ""
+    max_prompt_tokens: int | None = None  # None: the daemon's default
+    max_queued: int | None = None
+    tokens_per_minute: int | None = None
 
     def __post_init__(self) -> None:
         if self.api_key and not self.api_key_sha256:
@@ -87,8 +94,23 @@ def _entry(raw: Any, index: int, path: Path) -> ClientEntry:
     role = raw.get("role", "user")
     if role not in ROLES:
         raise ClientsFileError(f"{where}.role must be one of {', '.join(ROLES)}")
+    budgets: dict[str, int] = {}
+    for name in BUDGETS:
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            raise ClientsFileError(f"{where}.{name} must be an integer >= 0 (0: no limit)")
+        budgets[name] = value
     return ClientEntry(
-        client_id, api_key, max_sessions, priority, description, role, api_key_sha256=digest
+        client_id,
+        api_key,
+        max_sessions,
+        priority,
+        description,
+        role,
+        api_key_sha256=digest,
+        **budgets,
     )
 
 
@@ -155,6 +177,9 @@ def save(path: Path, entries: list[ClientEntry]) -> None:
 def _to_json(entry: ClientEntry) -> dict[str, Any]:
     data = asdict(entry)
     del data["api_key_sha256" if entry.api_key else "api_key"]
+    for name in BUDGETS:
+        if data[name] is None:
+            del data[name]
     return data
 
 
@@ -205,6 +230,7 @@ def add_client(path: Path, client_id: str, hash_only: bool = False, **fields: An
         fields.get("priority", old.priority if old else "normal"),
         fields.get("description", old.description if old else ""),
         fields.get("role", old.role if old else "user"),
+        **{name: getattr(old, name) for name in BUDGETS if old is not None},
     )
     entries = [e for e in entries if e.client_id != client_id]
     save(path, [*entries, hashed(entry) if hash_only else entry])

@@ -15,7 +15,11 @@ class ProtocolError(Exception):
         self.message = message or self.code.replace("_", " ")
 
     def to_body(self, request_id: int | str | None = None) -> dict[str, Any]:
-        return error_body(self.code, self.message, request_id)
+        return {**error_body(self.code, self.message, request_id), **self.extra()}
+
+    def extra(self) -> dict[str, Any]:
+        """Fields the `error` reply carries beside code and message."""
+        return {}
 
 
 class BadRequest(ProtocolError):
@@ -54,6 +58,19 @@ class Overloaded(ProtocolError):
     code = "overloaded"
 
 
+class RateLimited(ProtocolError):
+    """Too many attempts, or a budget spent: `retry_after_s` says when to try again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
+
+    def extra(self) -> dict[str, Any]:
+        return {"retry_after_s": self.retry_after_s}
+
+
 class InternalError(ProtocolError):
     code = "internal"
 
@@ -62,16 +79,6 @@ class Unavailable(ProtocolError):
     """A model cannot be loaded now (memory, a file llama.cpp refused); the message says why."""
 
     code = "unavailable"
-
-
-class RateLimited(ProtocolError):
-    """Too many attempts (or a budget spent): `retry_after_s` says when to try again."""
-
-    code = "rate_limited"
-
-    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 ERROR_TYPES: dict[str, type[ProtocolError]] = {
@@ -108,6 +115,9 @@ def error_from_body(body: dict[str, Any]) -> ProtocolError:
     code = str(body.get("code", "internal"))
     cls = ERROR_TYPES.get(code, InternalError)
     exc = cls(str(body.get("message", code)))
+    retry = body.get("retry_after_s")
+    if isinstance(exc, RateLimited) and isinstance(retry, (int, float)) and retry >= 0:
+        exc.retry_after_s = float(retry)
     if cls is InternalError and code != "internal":
         exc.message = f"{code}: {exc.message}"
     return exc

@@ -14,6 +14,10 @@ from .wire import Body, kind_of
 MAX_ID_BYTES = 64
 MAX_NAME_BYTES = 256
 MAX_STOP_STRINGS = 8
+MAX_STOP_BYTES = 256  # each stop string (the engine matches them against every token's text)
+# A session keeps its system prompt and evaluates it again at each reset; longer than this it
+# would not fit in any context this daemon serves (and costs tokenizing before it is refused).
+MAX_SYSTEM_PROMPT_BYTES = 32 * 1024
 MAX_ROLE_BYTES = 32
 
 # Reply ops (daemon -> client).
@@ -168,6 +172,8 @@ def _stop(v: Any) -> tuple[str, ...]:
     for item in v:
         if not isinstance(item, str) or not item:
             raise BadRequest("params.stop must hold only non-empty str")
+        if len(item.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES:
+            raise BadRequest(f"params.stop strings must be at most {MAX_STOP_BYTES} bytes each")
     return tuple(v)
 
 
@@ -276,7 +282,9 @@ def _auth(body: Body) -> Body:
 def _create_session(body: Body) -> Body:
     return {
         "model": _str_field(body, "model", required=False, max_bytes=MAX_NAME_BYTES),
-        "system_prompt": _str_field(body, "system_prompt", required=False),
+        "system_prompt": _str_field(
+            body, "system_prompt", required=False, max_bytes=MAX_SYSTEM_PROMPT_BYTES
+        ),
     }
 
 

@@ -66,6 +66,7 @@ class FakeBackend:
         self.continuation: Callable[[Sequence[int]], int] = next_word
         self.fail_next_decode = 0
         self.restores = 0
+        self.longest_word = 1 << 16
 
     # ---- text ---------------------------------------------------------------------------
 
@@ -78,6 +79,9 @@ class FakeBackend:
             if known == token:
                 return f" {word}".encode()
         return f" w{token}".encode()
+
+    def max_token_bytes(self) -> int:
+        return self.longest_word  # a fake word may be any length: tests set a bound they keep
 
     def is_eog(self, token: int) -> bool:
         return token == EOG

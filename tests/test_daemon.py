@@ -452,12 +452,15 @@ def test_abort_with_nothing_running_still_answers(authed: RawClient) -> None:
     assert reply == {"op": "aborted", "id": 5, "session_id": session_id}
 
 
-def test_prompt_too_long_for_context_ends_with_context(authed: RawClient) -> None:
+def test_prompt_over_what_is_left_of_the_context_ends_with_context(authed: RawClient) -> None:
     session_id = new_session(authed)
-    text, end = run_infer(authed, session_id, prompt="word " * 1500, params=GREEDY)
+    run_infer(authed, session_id, prompt="word " * 600, params=GREEDY)
+    listed = authed.request({"op": "list_sessions"})["sessions"]
+    held = [s["tokens"] for s in listed if s["session_id"] == session_id]
+    text, end = run_infer(authed, session_id, prompt="word " * 600, params=GREEDY)
     assert (text, end["finish_reason"], end["stats"]["tokens"]) == ("", "context", 0)
     listed = authed.request({"op": "list_sessions"})["sessions"]
-    assert [s["tokens"] for s in listed if s["session_id"] == session_id] == [0]
+    assert [s["tokens"] for s in listed if s["session_id"] == session_id] == held
 
 
 def test_generation_that_fills_the_context_ends_with_context(authed: RawClient) -> None:

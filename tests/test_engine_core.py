@@ -17,7 +17,7 @@ from inferencecenter.actors.engine.core import EngineCore
 from inferencecenter.actors.engine.jobs import EndOut, HistoryAppend, Job, TokenOut
 from inferencecenter.actors.engine.scheduling import RowPadding
 from inferencecenter.actors.engine.worker import Step, StepResult, execute_step, run_step
-from inferencecenter.protocol.errors import BadRequest, Busy, NotFound, Overloaded
+from inferencecenter.protocol.errors import BadRequest, Busy, NotFound, Overloaded, TooLarge
 from inferencecenter.protocol.messages import MAX_GRAMMAR_BYTES, SamplingParams
 
 from .fake_backend import EOG, FakeBackend
@@ -341,12 +341,81 @@ def test_unknown_and_busy_sessions_are_refused() -> None:
         infer(core, "s")
 
 
-def test_a_prompt_too_long_ends_with_context_and_leaves_the_session_unchanged() -> None:
+def test_a_prompt_over_what_is_left_ends_with_context_and_leaves_the_session_unchanged() -> None:
+    core, backend, _ = make_core(ctx=16)
+    s = open_session(core, "s")
+    infer(core, s, prompt=" ".join(["x"] * 8), max_tokens=1)
+    run_to_idle(core, backend)
+    held = len(core.sessions[s].tokens)
+    core.take_events()
+    job = infer(core, s, prompt=" ".join(["x"] * 8))
+    assert ends(core.take_events())[job.job_id].finish_reason == "context"
+    assert len(core.sessions[s].tokens) == held and core.sessions[s].job is None
+
+
+def test_a_prompt_over_what_a_session_holds_is_too_large_and_changes_nothing() -> None:
     core, _, _ = make_core(ctx=16)
     s = open_session(core, "s")
-    job = infer(core, s, prompt=" ".join(["x"] * 20))
-    assert ends(core.take_events())[job.job_id].finish_reason == "context"
-    assert len(core.sessions[s].tokens) == 0 and core.sessions[s].job is None
+    with pytest.raises(TooLarge, match="a session holds 16"):
+        infer(core, s, prompt=" ".join(["x"] * 16))
+    assert len(core.sessions[s].tokens) == 0 and not core.arriving
+    assert not ends(core.take_events())
+    infer(core, s, prompt=" ".join(["x"] * 14))  # the session goes on
+
+
+def test_a_prompt_over_the_clients_budget_is_too_large() -> None:
+    core, _, _ = make_core(ctx=64)
+    s = open_session(core, "s")
+    job_params = params()
+    with pytest.raises(TooLarge, match="max_prompt_tokens \\(5\\)"):
+        core.infer(1, s, job_params, prompt="a b c d e f", max_prompt_tokens=5)
+    core.infer(2, s, job_params, prompt="a b c d", max_prompt_tokens=5)  # and <bos>
+
+
+def test_an_input_too_long_by_its_length_alone_is_refused_before_tokenizing() -> None:
+    core, backend, _ = make_core(ctx=16)
+    backend.longest_word = 4  # no token stands for more than 4 characters
+    core.max_token_bytes = backend.max_token_bytes()
+    s = open_session(core, "s")
+    tokenized: list[str] = []
+    original = backend.tokenize
+    backend.tokenize = lambda text, *, add_bos: (
+        tokenized.append(text)
+        or original(  # type: ignore[method-assign]
+            text, add_bos=add_bos
+        )
+    )
+    with pytest.raises(TooLarge, match="at least 16 tokens"):
+        core.accept(1, s, params(), prompt="x" * 64)
+    assert tokenized == [] and not core.arriving
+    arrival = core.accept(2, s, params(), prompt="x" * 60)  # 15 tokens at least: tokenize it
+    assert core.arrived(arrival, *core.tokenize(arrival)).state == "queued"
+
+
+def test_max_tokens_over_the_context_is_bad_request() -> None:
+    core, _, _ = make_core(ctx=16)
+    s = open_session(core, "s")
+    with pytest.raises(BadRequest, match="at most the session's ctx_size \\(16\\)"):
+        infer(core, s, max_tokens=17)
+    infer(core, s, max_tokens=16)
+
+
+def test_an_abort_or_close_while_tokenizing_ends_it_aborted() -> None:
+    core, _, _ = make_core()
+    s = open_session(core, "s")
+    arrival = core.accept(1, s, params(), prompt="hello there")
+    with pytest.raises(Busy):
+        core.accept(2, s, params(), prompt="again")
+    assert core.info([s])[s]["state"] == "queued"
+    core.abort(s)
+    job = core.arrived(arrival, *core.tokenize(arrival))
+    assert ends(core.take_events())[job.job_id].finish_reason == "aborted"
+    assert core.sessions[s].job is None and len(core.sessions[s].tokens) == 0
+    arrival = core.accept(3, s, params(), prompt="hello there")
+    assert not core.close(s, if_idle=True)
+    core.close(s)
+    job = core.arrived(arrival, *core.tokenize(arrival))
+    assert ends(core.take_events())[job.job_id].finish_reason == "aborted"
 
 
 def test_end_of_generation_ends_with_stop_and_max_tokens_with_length() -> None:

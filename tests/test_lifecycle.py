@@ -165,7 +165,7 @@ def test_actors_are_processes_named_in_ps_and_sigterm_ends_streams(tmp_path: Pat
                 "id": "g",
                 "session_id": session_id,
                 "prompt": "Tell me everything",
-                "params": {"max_tokens": 2000, "ignore_eos": True},
+                "params": {"max_tokens": 1000, "ignore_eos": True},
             }
         )
         assert client.recv()["op"] == "token"

@@ -161,6 +161,19 @@ def test_every_error_code_has_one_exception_type() -> None:
         assert type(exc) is cls and exc.code == code
 
 
+def test_rate_limited_carries_retry_after_s_both_ways() -> None:
+    body = errors.RateLimited("spent", 12.5).to_body("r1")
+    assert body == {
+        "op": "error",
+        "id": "r1",
+        "code": "rate_limited",
+        "message": "spent",
+        "retry_after_s": 12.5,
+    }
+    exc = errors.error_from_body(body)
+    assert isinstance(exc, errors.RateLimited) and exc.retry_after_s == 12.5
+
+
 def test_error_body_omits_absent_id() -> None:
     assert "id" not in errors.BadRequest("x").to_body()
     assert errors.BadRequest("x").to_body("r1")["id"] == "r1"

@@ -48,7 +48,7 @@ def test_engine_killed_mid_generation_ends_streams_and_sessions_go_on(tmp_path: 
                 "id": "doomed",
                 "session_id": session_id,
                 "prompt": " on",
-                "params": {"max_tokens": 2000, "ignore_eos": True},
+                "params": {"max_tokens": 1000, "ignore_eos": True},
             }
         )
         assert client.recv_for("doomed")["op"] == "token"
@@ -141,7 +141,7 @@ def request(body):
 request({"op": "auth", "client_id": client_id, "api_key": key})
 session_id = request({"op": "create_session"})["session_id"]
 sock.send_multipart(wire.client_frames({"op": "infer", "session_id": session_id, "prompt": "Go",
-                                        "params": {"max_tokens": 5000, "ignore_eos": True}}))
+                                        "params": {"max_tokens": 1000, "ignore_eos": True}}))
 sock.recv_multipart()
 print(session_id, flush=True)
 sock.recv_multipart()  # blocks until killed
@@ -206,7 +206,7 @@ def test_hung_engine_is_killed_and_restarted(tmp_path: Path) -> None:
                 "id": "stuck",
                 "session_id": session_id,
                 "prompt": "Go",
-                "params": {"max_tokens": 5000, "ignore_eos": True},
+                "params": {"max_tokens": 1000, "ignore_eos": True},
             }
         )
         assert client.recv_for("stuck")["op"] == "token"

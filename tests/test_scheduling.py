@@ -19,7 +19,7 @@ from inferencecenter.daemon.testing import (
     stop_daemon,
 )
 
-LONG = {"max_tokens": 2000, "ignore_eos": True}
+LONG = {"max_tokens": 1000, "ignore_eos": True}
 
 
 def client_for(daemon: Daemon, client_id: str, key: str) -> RawClient:

@@ -9,13 +9,16 @@ drive it with a fake backend, the shell with the real one.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ...protocol.errors import BadRequest, Busy, NotFound, Overloaded
 from ...protocol.messages import MAX_GRAMMAR_BYTES, SamplingParams
+from ..budgets import check_length, input_chars, prompt_limit, too_large
 from ..config import Config
 from ..logs import EventLog
 from .backend import DecodeError, Logprobs
@@ -45,6 +48,23 @@ log = EventLog("engine")
 CHAT_PREFIXES = 64  # system prompts whose chat-format prefix is remembered
 
 
+@dataclass
+class Arrival:
+    """An infer past the cheap checks whose input is being tokenized (off the loop when long);
+    its session counts as busy meanwhile. An abort or a close marks it `aborted`."""
+
+    job: Job
+    fresh: bool
+    reset: bool
+    prompt: str | None
+    limit: int  # the most new tokens it may bring
+    chars: int  # its input's length in characters
+    aborted: bool = False
+
+
+Tokenized = tuple[list[int], tuple[int, ...] | None]  # new tokens, the shareable prefix
+
+
 class EngineCore:
     """One model's sessions and generations. Not thread-safe: the loop's thread only; the
     decode thread touches nothing here but the `Step` it is handed."""
@@ -62,6 +82,8 @@ class EngineCore:
         self.clock = clock
         self.on_change = on_change  # something the loop must look at happened
         self.sessions: dict[str, Session] = {}
+        self.arriving: dict[str, Arrival] = {}  # by session_id: input being tokenized
+        self.max_token_bytes = backend.max_token_bytes()
         self.slots = SlotTable(backend, config.session_cache_mb * 2**20, self.session_event)
         self.queue: WaitQueue[Job] = WaitQueue(config.max_queue)
         self.planner = BatchPlanner(
@@ -69,6 +91,7 @@ class EngineCore:
         )
         self.chat = ChatRenderer(backend.chat_template, backend.bos_text, backend.eos_text)
         self.chat_prefixes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self.chat_prefixes_lock = threading.Lock()  # the loop and the tokenizer thread use it
         self.active: list[Job] = []  # jobs holding a slot: prefill or generating
         self.events: list[Event] = []
         self.in_flight: Plan | None = None  # the plan of the step in the decode thread
@@ -106,10 +129,12 @@ class EngineCore:
         session = self.sessions.get(session_id)
         if session is None:
             return True
-        if if_idle and session.job is not None:
+        if if_idle and (session.job is not None or session_id in self.arriving):
             return False
         self.sessions.pop(session_id)
         self.session_event("closed", session)
+        if session_id in self.arriving:
+            self.arriving[session_id].aborted = True
         if session.job is not None:
             self.finish(session.job, "aborted")
         self.slots.release(session)
@@ -117,6 +142,9 @@ class EngineCore:
 
     def abort(self, session_id: str) -> None:
         job = self.known(session_id).job
+        if session_id in self.arriving:
+            self.arriving[session_id].aborted = True  # it ends once tokenized
+            return
         if job is None:
             return
         if job.state == "queued":
@@ -137,6 +165,7 @@ class EngineCore:
             session = self.sessions.get(session_id)
             if session is not None:
                 state = "idle" if session.job is None else session.job.state
+                state = "queued" if session_id in self.arriving else state
                 state = "generating" if state == "prefill" else state
                 result[session_id] = {"state": state, "tokens": len(session.tokens)}
         return result
@@ -152,17 +181,86 @@ class EngineCore:
         reset: bool = False,
         priority: str = "normal",
         client_id: str = "",
+        max_prompt_tokens: int = 0,
     ) -> Job:
-        """Queue an infer. A prompt that does not fit ends at once (`context`, the session
-        unchanged); errors raise and change nothing."""
+        """Queue an infer, its input tokenized here (the shell tokenizes long ones off the loop:
+        `accept`, `tokenize`, `arrived`). A prompt that does not fit in what is left of the
+        context ends at once (`context`, the session unchanged); errors raise and change
+        nothing."""
+        arrival = self.accept(
+            job_id,
+            session_id,
+            params,
+            prompt=prompt,
+            messages=messages,
+            reset=reset,
+            priority=priority,
+            client_id=client_id,
+            max_prompt_tokens=max_prompt_tokens,
+        )
+        try:
+            tokens, prefix = self.tokenize(arrival)
+        except BaseException:
+            self.drop(arrival)
+            raise
+        return self.arrived(arrival, tokens, prefix)
+
+    def accept(
+        self,
+        job_id: int,
+        session_id: str,
+        params: SamplingParams,
+        *,
+        prompt: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+        reset: bool = False,
+        priority: str = "normal",
+        client_id: str = "",
+        max_prompt_tokens: int = 0,
+    ) -> Arrival:
+        """The checks that cost nothing, an input too long by its length alone included; the
+        session is then busy until `arrived` (or `drop`)."""
         session = self.known(session_id)
-        if session.job is not None:
+        if session.job is not None or session_id in self.arriving:
             raise Busy("this session is still generating; abort it or wait for its end")
+        if params.max_tokens > self.n_ctx:
+            raise BadRequest(
+                f"params.max_tokens must be at most the session's ctx_size ({self.n_ctx})"
+            )
         if params.grammar is not None:
             self.check_grammar(params.grammar)
-        job = Job(job_id, session, params, client_id, messages, priority, t_arrival=self.clock())
         fresh = reset or not session.tokens
-        new_tokens, prefix = self.input_tokens(session, fresh, prompt, messages)
+        limit = prompt_limit(self.n_ctx, max_prompt_tokens)
+        chars = input_chars(prompt, messages, session.system_prompt if fresh else None)
+        check_length(chars, limit, self.n_ctx, self.max_token_bytes)
+        job = Job(job_id, session, params, client_id, messages, priority, t_arrival=self.clock())
+        arrival = Arrival(job, fresh, reset, prompt, limit, chars)
+        self.arriving[session_id] = arrival
+        return arrival
+
+    def tokenize(self, arrival: Arrival) -> Tokenized:
+        """The arrival's new tokens: called on the loop for a short input, in the tokenizer
+        thread for a long one (it reads the session's history, which is fixed while busy)."""
+        job = arrival.job
+        return self.input_tokens(job.session, arrival.fresh, arrival.prompt, job.new_turns)
+
+    def drop(self, arrival: Arrival) -> None:
+        """Tokenizing failed: the session is as before."""
+        if self.arriving.get(arrival.job.session.session_id) is arrival:
+            del self.arriving[arrival.job.session.session_id]
+
+    def arrived(
+        self, arrival: Arrival, new_tokens: list[int], prefix: tuple[int, ...] | None
+    ) -> Job:
+        """Queue a tokenized infer (or end it: aborted or closed meanwhile, or no room)."""
+        self.drop(arrival)
+        job, reset = arrival.job, arrival.reset
+        session = job.session
+        if arrival.aborted:
+            self.send_end(job, "aborted")
+            return job
+        if len(new_tokens) > arrival.limit:
+            raise too_large(str(len(new_tokens)), arrival.limit, self.n_ctx)
         held = 0 if reset else len(session.tokens)
         if held + len(new_tokens) >= self.n_ctx:
             job.cached_tokens = 0 if reset else session.n_past
@@ -184,10 +282,10 @@ class EngineCore:
         job.prefix = prefix if session.n_past == 0 else None
         job.cached_tokens = session.n_past
         job.prompt_tokens = len(session.tokens) - session.n_past
-        job.text = TextStream(params.stop)
+        job.text = TextStream(job.params.stop)
         session.job = job
         session.last_used = job.t_arrival
-        self.queue.push(job, priority, job.t_arrival)
+        self.queue.push(job, job.priority, job.t_arrival)
         self.arrivals += 1
         self.on_change()
         return job
@@ -211,6 +309,8 @@ class EngineCore:
             self.sessions[session.session_id] = session
 
     def abort_all(self) -> None:
+        for arrival in self.arriving.values():
+            arrival.aborted = True
         for job in list(self.active) + self.queue.items():
             self.finish(job, "aborted")
 
@@ -252,7 +352,8 @@ class EngineCore:
     def chat_prefix(self, system: str) -> tuple[int, ...]:
         """The tokens a chat with this system prompt always starts with: the common start of two
         renders that differ only in the user's words."""
-        cached = self.chat_prefixes.get(system)
+        with self.chat_prefixes_lock:
+            cached = self.chat_prefixes.get(system)
         if cached is None:
             a, b = (
                 self.backend.tokenize(
@@ -269,9 +370,10 @@ class EngineCore:
                 min(len(a), len(b)),
             )
             cached = tuple(a[:common])
-            self.chat_prefixes[system] = cached
-            if len(self.chat_prefixes) > CHAT_PREFIXES:
-                self.chat_prefixes.popitem(last=False)
+            with self.chat_prefixes_lock:
+                self.chat_prefixes[system] = cached
+                if len(self.chat_prefixes) > CHAT_PREFIXES:
+                    self.chat_prefixes.popitem(last=False)
         return cached
 
     # ---- the loop's side ----------------------------------------------------------------

@@ -30,7 +30,8 @@ class Sampler(Protocol):
 
 class Backend(Protocol):
     """The model and its multi-sequence context (LlamaBackend; a fake in the core's unit tests).
-    Only one thread uses it at a time: the decode thread during a step, the loop between."""
+    Only one thread uses it at a time: the decode thread during a step, the loop between; but
+    `tokenize` reads only the vocabulary, and the tokenizer thread may call it at any time."""
 
     n_ctx_seq: int
     n_seq_max: int
@@ -42,6 +43,8 @@ class Backend(Protocol):
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]: ...
 
     def token_bytes(self, token: int) -> bytes: ...
+
+    def max_token_bytes(self) -> int: ...
 
     def is_eog(self, token: int) -> bool: ...
 

@@ -16,6 +16,7 @@ from ...protocol import internal
 from ...protocol.errors import (
     ERROR_TYPES,
     AuthFailed,
+    BadRequest,
     Forbidden,
     InternalError,
     NotFound,
@@ -23,7 +24,9 @@ from ...protocol.errors import (
     RateLimited,
     error_from_body,
 )
+from ...protocol.messages import MAX_SYSTEM_PROMPT_BYTES as MAX_SYSTEM
 from ..actor import ActorLink, Body
+from ..budgets import Admissions, Budgets, PromptBounds
 from ..config import Config
 from ..logs import EventLog
 from ..models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
@@ -53,6 +56,7 @@ class Client:
     priority: str
     role: str = "user"
     fingerprint: str = ""  # what it authenticated with (see revocation)
+    budgets: Budgets = field(default_factory=Budgets)
 
 
 @dataclass
@@ -114,6 +118,11 @@ class DaemonLink:
         self.generations: dict[str, Client] = {}  # running infers: session_id -> client
         self.revoked_generations: set[str] = set()  # aborted by a revocation, not yet ended
         self.sessions = ActorLink(internal.SESSIONS, config)
+        self.admissions = Admissions(self.sessions, internal.HTTP)
+        self.prompt_bounds = PromptBounds()
+        # Sessions whose infer waits for its admission, and those of them aborted meanwhile.
+        self.admitting: set[str] = set()
+        self.aborted_early: set[str] = set()
         self.models = ModelDirectory(config, internal.HTTP)
         self.monitor = ActorLink(internal.MONITOR, config)
         self.ctx_size = config.ctx_size  # a session's context, as the engine last said
@@ -121,6 +130,7 @@ class DaemonLink:
         self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
+        self.admissions.restarted()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for link in (self.auth, self.sessions, self.models, self.monitor):
@@ -183,6 +193,8 @@ class DaemonLink:
     ) -> tuple[str, int]:
         """A new session of `client` in the sessions actor and its model's engine (loaded on
         demand): (id, ctx_size)."""
+        if system_prompt and len(system_prompt.encode("utf-8", "surrogatepass")) > MAX_SYSTEM:
+            raise BadRequest(f"the system prompt is longer than {MAX_SYSTEM} bytes")
         if not self.models.known(model):
             await self.models.engine(model)  # not_found, unless --models-dir has it now
         created = await self.sessions.request(
@@ -207,6 +219,7 @@ class DaemonLink:
             with trio.CancelScope(shield=True):
                 await self.close_session(session_id)
             raise
+        self.prompt_bounds.learn(engine.name, opened)
         self.ctx_size = int(opened["ctx_size"])
         return session_id, self.ctx_size
 
@@ -291,12 +304,14 @@ class DaemonLink:
             "reset": False,
             "priority": client.priority,
             "client_id": client.client_id,
+            "max_prompt_tokens": client.budgets.max_prompt_tokens,
         }
         if messages is not None:
             payload["messages"] = messages
         else:
             payload["prompt"] = prompt or ""
         started: list[tuple[ActorLink, int]] = []  # its engine and that engine's ref
+        tickets: list[int] = []  # its admission's
 
         def on_message(body: Body) -> None:
             op = body.get("op")
@@ -310,6 +325,8 @@ class DaemonLink:
             self.generations.pop(session_id, None)
             revoked = session_id in self.revoked_generations
             self.revoked_generations.discard(session_id)
+            generated = body["stats"]["tokens"] if op == internal.END else 0
+            self.admissions.release(client.client_id, tickets[0], int(generated))
             if body.get("unloaded"):
                 send.send_nowait(End("aborted", dict(NO_STATS), UNLOADED_MESSAGE))
             elif body.get("lost"):
@@ -327,36 +344,52 @@ class DaemonLink:
         stream = InferStream(session_id, 0, receive)
         model = self.session_models.get(session_id, self.models.default)
 
-        def start(engine: ActorLink) -> None:
-            started.append((engine, 0))
-            stream.ref = engine.stream("infer", on_message, **payload)
-            started[0] = (engine, stream.ref)
-
-        async def start_when_loaded() -> None:
+        async def start() -> None:
+            """Admitted within the client's budgets, on its engine (loaded if need be)."""
+            self.admitting.add(session_id)
             try:
-                start(await self.models.engine(model))
+                engine = self.models.link(model)
+                if engine is not None:  # a prompt too long by its length is never forwarded
+                    self.prompt_bounds.check(
+                        engine.name, prompt, messages, client.budgets.max_prompt_tokens
+                    )
+                tickets.append(await self.admissions.admit(client.client_id, client.budgets))
+                try:
+                    engine = engine or await self.models.engine(model)
+                except BaseException:
+                    self.admissions.release(client.client_id, tickets[0])
+                    raise
             except ProtocolError as exc:
                 self.generations.pop(session_id, None)
                 send.send_nowait(exc)
                 send.close()
+                return
+            finally:
+                self.admitting.discard(session_id)
+            started.append((engine, 0))
+            stream.ref = engine.stream("infer", on_message, **payload)
+            started[0] = (engine, stream.ref)
+            if session_id in self.aborted_early:
+                self.aborted_early.discard(session_id)
+                engine.push("abort", session_id=session_id)
 
         self.generations[session_id] = client
-        engine = self.models.link(model)
-        if engine is not None:
-            start(engine)
-        else:
-            assert self.nursery is not None
-            self.nursery.start_soon(start_when_loaded)
+        assert self.nursery is not None
+        self.nursery.start_soon(start)
         return stream
 
     def abort(self, session_id: str) -> None:
         """Ask the engine to end a running generation (it then sends its `end`)."""
+        if session_id in self.admitting:
+            self.aborted_early.add(session_id)  # sent once the infer is
         engine = self.models.running_link(self.session_models.get(session_id, ""))
         if engine is not None:
             engine.push("abort", session_id=session_id)
 
     async def abort_now(self, session_id: str) -> None:
         """Abort, answered by the engine (`aborted` even when nothing runs)."""
+        if session_id in self.admitting:
+            self.aborted_early.add(session_id)
         engine = self.models.running_link(await self.model_of(session_id))
         if engine is not None:
             await engine.request("abort", session_id=session_id)
@@ -418,4 +451,5 @@ def _client(result: Body) -> Client:
         str(result["priority"]),
         str(result.get("role", "user")),
         str(result.get("fingerprint", "")),
+        Budgets.from_wire(result.get("budgets")),
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...protocol.errors import BadRequest, ProtocolError
-from ...protocol.messages import MAX_TOP_LOGPROBS, PARAM_CHECKS, SamplingParams
+from ...protocol.messages import MAX_STOP_BYTES, MAX_TOP_LOGPROBS, PARAM_CHECKS, SamplingParams
 from ...protocol.wire import kind_of
 from . import grammar
 
@@ -204,6 +204,8 @@ def _sampling(body: Body) -> Body:
             raise FieldError("stop", "stop must be a non-empty string or a list of them")
         if len(stop) > MAX_STOP:
             raise FieldError("stop", f"stop holds at most {MAX_STOP} strings")
+        if any(len(s.encode("utf-8", "surrogatepass")) > MAX_STOP_BYTES for s in stop):
+            raise FieldError("stop", f"each stop string is at most {MAX_STOP_BYTES} bytes")
         params["stop"] = tuple(stop)
     return params
 
