@@ -13,13 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from inferencecenter.protocol import clientsfile
+from inferencecenter.protocol import clientsfile, curve
 from inferencecenter.protocol.errors import ProtocolError
 from inferencecenter.protocol.messages import MAX_NAME_BYTES, parse_params
 
 from .client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, Client, EndpointError, Generation
 from .core import DEFAULT_LOAD_TIMEOUT
-from .credentials import ENV_API_KEY, ENV_CLIENT_ID, ENV_CLIENTS, CredentialsError
+from .credentials import (
+    ENV_API_KEY,
+    ENV_CLIENT_ID,
+    ENV_CLIENTS,
+    ENV_CURVE_CERT,
+    ENV_SERVER_KEY,
+    CredentialsError,
+    clients_path,
+)
 from .metrics import DEFAULT_METRICS_ENDPOINT, MetricsSubscriber
 
 PROG = "inferencecenter"
@@ -114,6 +122,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--json", action="store_true", help="print each message body as a JSON line")
     p.add_argument("--count", type=_positive_int, help="stop after N messages")
+    _curve_options(p)
     p.add_argument(
         "--timeout",
         type=float,
@@ -139,6 +148,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="print one frame once the first metrics message arrives, then exit",
     )
     p.add_argument("--no-color", action="store_true", help="draw without colours")
+    _curve_options(p)
     p.set_defaults(func=_guarded(_top))
 
     p = subparsers.add_parser(
@@ -195,6 +205,7 @@ def _connection_options(p: argparse.ArgumentParser, timeout: float = DEFAULT_TIM
         default=timeout,
         help=f"seconds to wait for each reply (default {timeout:g})",
     )
+    _curve_options(p)
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
@@ -236,7 +247,41 @@ def _connect(args: argparse.Namespace) -> Client:
         args.api_key,
         clients_file=args.clients,
         timeout=args.timeout,
+        **_curve_keys(args),
     )
+
+
+def _curve_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CURVE (a daemon started with --curve)")
+    g.add_argument(
+        "--server-key",
+        help=f"the daemon's public key: Z85 text or its server.key file; `none` for plaintext "
+        f"(default: ${ENV_SERVER_KEY}, else the server.key beside the clients file, if any)",
+    )
+    g.add_argument(
+        "--curve-cert",
+        help=f"this client's own CURVE secret certificate (.key_secret), for a clients-file "
+        f"entry bound by curve_public_key or allowed metrics (default: ${ENV_CURVE_CERT})",
+    )
+
+
+def _curve_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """curve_serverkey and curve_keypair for the client library. Without a key given, the
+    daemon's own server.key is used when this machine has one beside the clients file (the CLI
+    on the daemon's host needs no flag)."""
+    given = args.server_key or os.environ.get(ENV_SERVER_KEY) or ""
+    if given.lower() == "none":
+        return {}
+    if not given:
+        local = clients_path(getattr(args, "clients", None)).with_name(curve.SERVER_PUBLIC_FILE)
+        if not local.exists():
+            return {}
+        given = str(local)
+    keys: dict[str, Any] = {"curve_serverkey": curve.read_public_key(given)}
+    cert = args.curve_cert or os.environ.get(ENV_CURVE_CERT)
+    if cert:
+        keys["curve_keypair"] = curve.client_keypair_from_file(cert)
+    return keys
 
 
 def _guarded(command: Command) -> Command:
@@ -248,7 +293,13 @@ def _guarded(command: Command) -> Command:
             return command(args)
         except ProtocolError as exc:
             _fail(f"{exc.code}: {exc.message}")
-        except (CredentialsError, clientsfile.ClientsFileError, EndpointError, TimeoutError) as exc:
+        except (
+            CredentialsError,
+            clientsfile.ClientsFileError,
+            EndpointError,
+            TimeoutError,
+            curve.CurveError,
+        ) as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
             print(file=sys.stderr)
@@ -450,7 +501,7 @@ def _unload(args: argparse.Namespace) -> int:
 
 
 def _metrics(args: argparse.Namespace) -> int:
-    with MetricsSubscriber(args.endpoint, timeout=args.timeout) as subscriber:
+    with MetricsSubscriber(args.endpoint, timeout=args.timeout, **_curve_keys(args)) as subscriber:
         seen = 0
         try:
             for topic, body in subscriber:
@@ -466,7 +517,9 @@ def _metrics(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     from .top import run_top  # rich is loaded by the one command that draws with it
 
-    return run_top(args.metrics_endpoint, once=args.once, color=not args.no_color)
+    return run_top(
+        args.metrics_endpoint, once=args.once, color=not args.no_color, **_curve_keys(args)
+    )
 
 
 def format_metrics(topic: str, body: dict[str, Any]) -> str:

@@ -11,6 +11,9 @@ from inferencecenter.protocol import clientsfile
 ENV_CLIENT_ID = "INFERENCECENTER_CLIENT_ID"
 ENV_API_KEY = "INFERENCECENTER_API_KEY"
 ENV_CLIENTS = "INFERENCECENTER_CLIENTS"
+# CURVE: the daemon's public key (Z85 or its server.key file), this client's own certificate.
+ENV_SERVER_KEY = "INFERENCECENTER_SERVER_KEY"
+ENV_CURVE_CERT = "INFERENCECENTER_CURVE_CERT"
 
 
 class CredentialsError(Exception):

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import curve
+
 PRIORITIES = ("high", "normal", "low")
 # An admin may load and unload models and act on every client's sessions.
 ROLES = ("user", "admin")
@@ -44,6 +46,9 @@ class ClientEntry:
     # The key's SHA-256 (hex), computed from api_key when that is given; api_key is "" when the
     # file holds only the hash.
     api_key_sha256: str = ""
+    # Z85 CURVE public key: this client may authenticate only over a connection made with it
+    # (under --curve), and may subscribe to metrics ("" : any connection, no metrics).
+    curve_public_key: str = ""
 
     def __post_init__(self) -> None:
         if self.api_key and not self.api_key_sha256:
@@ -87,8 +92,21 @@ def _entry(raw: Any, index: int, path: Path) -> ClientEntry:
     role = raw.get("role", "user")
     if role not in ROLES:
         raise ClientsFileError(f"{where}.role must be one of {', '.join(ROLES)}")
+    curve_key = raw.get("curve_public_key", "")
+    if curve_key:
+        try:
+            curve_key = curve.z85_key(curve_key, f"{where}.curve_public_key").decode()
+        except curve.CurveError as exc:
+            raise ClientsFileError(str(exc)) from None
     return ClientEntry(
-        client_id, api_key, max_sessions, priority, description, role, api_key_sha256=digest
+        client_id,
+        api_key,
+        max_sessions,
+        priority,
+        description,
+        role,
+        api_key_sha256=digest,
+        curve_public_key=curve_key,
     )
 
 
@@ -155,6 +173,8 @@ def save(path: Path, entries: list[ClientEntry]) -> None:
 def _to_json(entry: ClientEntry) -> dict[str, Any]:
     data = asdict(entry)
     del data["api_key_sha256" if entry.api_key else "api_key"]
+    if not entry.curve_public_key:
+        del data["curve_public_key"]
     return data
 
 

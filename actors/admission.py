@@ -1,0 +1,130 @@
+"""Who may open a frontend connection: caps per address and in total, addresses refused for a
+while, and connections that never authenticated. No I/O: the gateway passes what its socket
+monitor and its ZAP handler see, and closes what `overdue` names.
+
+A stranger costs the gateway only what libzmq holds for an open connection: it is refused at the
+handshake when its address already has its share of connections or is refused for now (the auth
+actor's backoff said so, or its connections were closed for never authenticating), and closed
+after `auth_timeout` seconds without a successful auth.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .zap import Handshake, Verdict
+
+# An address whose connections were closed for not authenticating is refused this long, doubling
+# with each further closing within FORGET_S, up to MAX_REFUSE_S. The first closing costs
+# nothing: a client that was merely slow reconnects at once.
+FIRST_REFUSE_S = 2.0
+MAX_REFUSE_S = 300.0
+FORGET_S = 600.0
+MAX_ADDRESSES = 100_000  # refusals remembered at once (the oldest go first)
+
+
+@dataclass
+class Connection:
+    address: str
+    port: int
+    accepted: float
+    authenticated: bool = False
+
+
+@dataclass
+class Strikes:
+    count: int = 0
+    last: float = 0.0
+
+
+class Admission:
+    def __init__(self, max_connections: int, per_address: int, auth_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.per_address = per_address
+        self.auth_timeout = auth_timeout
+        self.connections: dict[int, Connection] = {}  # by the OS socket's fd
+        self.per_ip: Counter[str] = Counter()
+        self.refused_until: dict[str, float] = {}
+        self.strikes: dict[str, Strikes] = {}
+        self.refusals = 0  # handshakes refused so far
+
+    # ---- what the socket monitor reports ----
+
+    def accepted(self, fd: int, address: str, port: int, now: float) -> None:
+        self.closed(fd)  # an fd is one connection at a time: an older one on it is gone
+        self.connections[fd] = Connection(address, port, now)
+        self.per_ip[address] += 1
+
+    def closed(self, fd: int) -> None:
+        conn = self.connections.pop(fd, None)
+        if conn is None:
+            return
+        self.per_ip[conn.address] -= 1
+        if self.per_ip[conn.address] <= 0:
+            del self.per_ip[conn.address]
+
+    # ---- the handshake (ZAP) ----
+
+    def decide(self, handshake: Handshake, now: float) -> Verdict:
+        """Admit or refuse before any message is read. The connection being checked is already
+        counted (its accept came first)."""
+        address = handshake.address
+        until = self.refused_until.get(address)
+        if until is not None:
+            if now < until:
+                return self._refuse(f"refused for {until - now:.1f} s more")
+            del self.refused_until[address]
+        if self.per_ip[address] > self.per_address:
+            return self._refuse("too many connections from this address")
+        if len(self.connections) > self.max_connections:
+            return self._refuse("too many connections")
+        return Verdict(True, user_id=handshake.curve_key)
+
+    def _refuse(self, reason: str) -> Verdict:
+        self.refusals += 1
+        return Verdict(False, reason)
+
+    # ---- what auth says ----
+
+    def authenticated(self, fd: int) -> None:
+        conn = self.connections.get(fd)
+        if conn is not None:
+            conn.authenticated = True
+
+    def refuse(self, address: str, seconds: float, now: float) -> None:
+        """New handshakes from `address` are refused for `seconds` (the auth backoff's turn)."""
+        if not address:
+            return
+        until = max(self.refused_until.pop(address, 0.0), now + seconds)
+        self.refused_until[address] = until
+        if len(self.refused_until) > MAX_ADDRESSES:
+            del self.refused_until[next(iter(self.refused_until))]
+
+    # ---- strangers that never authenticate ----
+
+    def overdue(self, now: float) -> list[tuple[int, Connection]]:
+        """Connections open longer than auth_timeout without a successful auth; each address
+        with some gets a strike (refused for a while from the second on)."""
+        late = [
+            (fd, conn)
+            for fd, conn in self.connections.items()
+            if not conn.authenticated and now - conn.accepted > self.auth_timeout
+        ]
+        for fd, _ in late:
+            self.closed(fd)  # its disconnect, when the monitor reports it, changes nothing
+        for address in {conn.address for _, conn in late}:
+            self.strike(address, now)
+        return late
+
+    def strike(self, address: str, now: float) -> None:
+        strikes = self.strikes.pop(address, None) or Strikes()
+        if now - strikes.last > FORGET_S:
+            strikes.count = 0
+        strikes.count += 1
+        strikes.last = now
+        self.strikes[address] = strikes
+        if len(self.strikes) > MAX_ADDRESSES:
+            del self.strikes[next(iter(self.strikes))]
+        if strikes.count > 1:
+            self.refuse(address, min(MAX_REFUSE_S, FIRST_REFUSE_S * 2 ** (strikes.count - 2)), now)
