@@ -2,10 +2,11 @@
 while, and connections that never authenticated. No I/O: the gateway passes what its socket
 monitor and its ZAP handler see, and closes what `overdue` names.
 
-A stranger costs the gateway only what libzmq holds for an open connection: it is refused at the
-handshake when its address already has its share of connections or is refused for now (the auth
-actor's backoff said so, or its connections were closed for never authenticating), and closed
-after `auth_timeout` seconds without a successful auth.
+A stranger costs the gateway only what libzmq holds for an open connection: it is closed as soon
+as it is accepted, before its handshake, when its address already has its share of connections,
+the daemon its total, or its address is refused for now (the auth actor's backoff said so, or
+its connections were closed for never authenticating; the ZAP handler refuses such an address's
+handshakes too); and it is closed after `auth_timeout` seconds without a successful auth.
 """
 
 from __future__ import annotations
@@ -51,10 +52,20 @@ class Admission:
 
     # ---- what the socket monitor reports ----
 
-    def accepted(self, fd: int, address: str, port: int, now: float) -> None:
+    def accepted(self, fd: int, address: str, port: int, now: float) -> bool:
+        """Whether to keep a connection just accepted (before its handshake): False when its
+        address has its share already, the daemon its total, or the address is refused now."""
         self.closed(fd)  # an fd is one connection at a time: an older one on it is gone
+        if (
+            self.refused_for(address, now) > 0
+            or self.per_ip[address] >= self.per_address
+            or len(self.connections) >= self.max_connections
+        ):
+            self.refusals += 1
+            return False
         self.connections[fd] = Connection(address, port, now)
         self.per_ip[address] += 1
+        return True
 
     def closed(self, fd: int) -> None:
         conn = self.connections.pop(fd, None)
@@ -67,23 +78,22 @@ class Admission:
     # ---- the handshake (ZAP) ----
 
     def decide(self, handshake: Handshake, now: float) -> Verdict:
-        """Admit or refuse before any message is read. The connection being checked is already
-        counted (its accept came first)."""
-        address = handshake.address
-        until = self.refused_until.get(address)
-        if until is not None:
-            if now < until:
-                return self._refuse(f"refused for {until - now:.1f} s more")
-            del self.refused_until[address]
-        if self.per_ip[address] > self.per_address:
-            return self._refuse("too many connections from this address")
-        if len(self.connections) > self.max_connections:
-            return self._refuse("too many connections")
+        """Admit or refuse before any message is read: an address refused since its accept
+        (the backoff answered one of its connections meanwhile) is refused here too."""
+        wait = self.refused_for(handshake.address, now)
+        if wait > 0:
+            self.refusals += 1
+            return Verdict(False, f"refused for {wait:.1f} s more")
         return Verdict(True, user_id=handshake.curve_key)
 
-    def _refuse(self, reason: str) -> Verdict:
-        self.refusals += 1
-        return Verdict(False, reason)
+    def refused_for(self, address: str, now: float) -> float:
+        until = self.refused_until.get(address)
+        if until is None:
+            return 0.0
+        if now >= until:
+            del self.refused_until[address]
+            return 0.0
+        return until - now
 
     # ---- what auth says ----
 

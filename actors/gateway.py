@@ -37,6 +37,9 @@ log = EventLog("gateway")
 # Replies held for one connection that does not read them (then dropped): tokens are ~100
 # bytes, so a client that never reads costs at most ~0.1-1 MiB here (docs/security.md).
 SNDHWM_PER_CONNECTION = 1000
+# Requests read ahead from one connection: beyond, libzmq stops reading its TCP socket and the
+# client's sends wait (nothing is lost). A flood of small requests then costs ~0.2 MiB here.
+RCVHWM_PER_CONNECTION = 1000
 # Requests of one connection are handled in order (an abort never overtakes its infer);
 # beyond this many waiting, the connection gets `overloaded`.
 CONNECTION_QUEUE = 64
@@ -655,7 +658,7 @@ def open_frontend(config: Config) -> TrioSocket:
     else:
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
     sock.setsockopt(zmq.SNDHWM, SNDHWM_PER_CONNECTION)
-    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM_PER_CONNECTION)
     # ZMTP heartbeats drop a silent peer (cable pulled) after --client-timeout; every peer
     # built on libzmq answers them by itself. The socket monitor then reports the connection's
     # OS socket as disconnected (see Gateway.drain_monitor).

@@ -68,9 +68,12 @@ class StrangerGuard:
         return verdict
 
     def accepted(self, fd: int) -> None:
+        """A new connection: kept, or closed before its handshake (over a cap, or refused)."""
         peer = peer_of_fd(fd)
-        if peer is not None:
-            self.admission.accepted(fd, peer[0], peer[1], trio.current_time())
+        if peer is not None and not self.admission.accepted(
+            fd, peer[0], peer[1], trio.current_time()
+        ):
+            shutdown_fd(fd, peer)
 
     def closed(self, fd: int) -> None:
         self.admission.closed(fd)
