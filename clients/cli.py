@@ -173,6 +173,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="an admin: may load and unload models and act on every client's sessions",
     )
+    p.add_argument(
+        "--curve-cert-dir",
+        type=Path,
+        help="also write the client's own CURVE certificate (CLIENT_ID.key_secret, mode 0600) "
+        "here and bind the client to it (curve_public_key): under --curve it then "
+        "authenticates only with that certificate (--curve-cert), and may read metrics",
+    )
     p.set_defaults(func=_guarded(_keygen))
 
 
@@ -588,7 +595,13 @@ def _keygen(args: argparse.Namespace) -> int:
         fields["description"] = args.description
     if args.admin:
         fields["role"] = "admin"
+    cert = None
+    if args.curve_cert_dir is not None:
+        cert, public = curve.create_client_cert(args.curve_cert_dir, client_id)
+        fields["curve_public_key"] = public.decode()
     entry = clientsfile.add_client(path, client_id, **fields)
+    if cert is not None:
+        print(f"curve_cert: {cert}")
     print(f"client_id: {entry.client_id}")
     if entry.role != "user":
         print(f"role: {entry.role}")

@@ -225,6 +225,7 @@ def add_client(path: Path, client_id: str, hash_only: bool = False, **fields: An
         fields.get("priority", old.priority if old else "normal"),
         fields.get("description", old.description if old else ""),
         fields.get("role", old.role if old else "user"),
+        curve_public_key=fields.get("curve_public_key", old.curve_public_key if old else ""),
     )
     entries = [e for e in entries if e.client_id != client_id]
     save(path, [*entries, hashed(entry) if hash_only else entry])

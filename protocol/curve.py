@@ -144,6 +144,17 @@ def client_keypair_from_file(path: str) -> tuple[bytes, bytes]:
     return public, secret
 
 
+def create_client_cert(folder: Path, name: str) -> tuple[Path, bytes]:
+    """A client's own certificate pair `NAME.key_secret` (mode 0600) and `NAME.key` in `folder`;
+    the secret file's path and the public key. An existing pair is never overwritten."""
+    secret_path = folder / f"{name}.key_secret"
+    if secret_path.exists() or public_path(secret_path).exists():
+        raise CurveError(f"{secret_path} exists already: keep it, or move it away first")
+    create_server_cert(secret_path)  # the same files, under the client's name
+    public, _ = client_keypair_from_file(str(secret_path))
+    return secret_path, public
+
+
 def apply_server(sock: zmq.Socket[bytes], public: bytes, secret: bytes, domain: str) -> None:
     """Make a bound socket a CURVE server whose handshakes the ZAP handler for `domain` admits."""
     sock.setsockopt(zmq.CURVE_SERVER, 1)

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 import zmq
 
 from inferencecenter.actors.config import ConfigError, _check_curve
-from inferencecenter.clients import AuthFailed, Client
+from inferencecenter.clients import AsyncClient, AuthFailed, Client
 from inferencecenter.clients.metrics import MetricsSubscriber
 from inferencecenter.daemon.testing import (
     TEST_CLIENTS,
@@ -294,3 +295,55 @@ def test_loopback_binds_need_no_flag_and_others_do(tmp_path: Path) -> None:
             )
             == ""
         )
+
+
+def test_the_trio_client_speaks_curve(curved: Daemon) -> None:
+    async def main() -> str:
+        async with AsyncClient(
+            curved.endpoint,
+            curved.client_id,
+            curved.api_key,
+            curve_serverkey=curved.server_key.decode(),
+        ) as client:
+            session = await client.create_session()
+            try:
+                return await session.infer(PROMPT, max_tokens=2, temp=0).wait()
+            finally:
+                await session.close()
+
+    assert isinstance(trio.run(main), str)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inferencecenter.daemon", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_keygen_binds_a_new_client_to_its_own_certificate(curved: Daemon, tmp_path: Path) -> None:
+    made = _cli(
+        "keygen", "erin", "--clients", str(curved.clients_path), "--curve-cert-dir", str(tmp_path)
+    )
+    assert made.returncode == 0, made.stderr
+    api_key = next(
+        line.split(": ", 1)[1] for line in made.stdout.splitlines() if line.startswith("api_key:")
+    )
+    cert = tmp_path / "erin.key_secret"
+    assert cert.stat().st_mode & 0o777 == 0o600
+    env = {"INFERENCECENTER_CLIENT_ID": "erin", "INFERENCECENTER_API_KEY": api_key}
+    common = [
+        "sessions",
+        "--endpoint",
+        curved.endpoint,
+        "--server-key",
+        str(curved.server_key.decode()),
+    ]
+    with_cert = _cli(*common, "--curve-cert", str(cert), env=env)
+    assert with_cert.returncode == 0, with_cert.stderr
+    without = _cli(*common, env=env)
+    assert without.returncode != 0 and "auth_failed" in without.stderr, without.stderr
+    assert api_key not in without.stderr + with_cert.stderr
