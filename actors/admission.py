@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 from .zap import Handshake, Verdict
 
-# An address whose connections were closed for not authenticating is refused this long, doubling
-# with each further closing within FORGET_S, up to MAX_REFUSE_S. The first closing costs
-# nothing: a client that was merely slow reconnects at once.
+# An address whose connections were closed for not authenticating is refused, once more than
+# FREE_LAPSES of them were within FORGET_S, for FIRST_REFUSE_S, doubling with each further sweep
+# that closes some, up to MAX_REFUSE_S. A few lapses cost nothing: many clients may share an
+# address (a NAT, this machine), and a client that was merely slow reconnects at once.
+FREE_LAPSES = 8
 FIRST_REFUSE_S = 2.0
 MAX_REFUSE_S = 300.0
 FORGET_S = 600.0
@@ -35,7 +37,8 @@ class Connection:
 
 @dataclass
 class Strikes:
-    count: int = 0
+    lapses: int = 0  # connections closed for not authenticating
+    refusals: int = 0  # times the address was refused for it
     last: float = 0.0
 
 
@@ -121,20 +124,24 @@ class Admission:
             for fd, conn in self.connections.items()
             if not conn.authenticated and now - conn.accepted > self.auth_timeout
         ]
-        for fd, _ in late:
+        lapsed: Counter[str] = Counter()
+        for fd, conn in late:
             self.closed(fd)  # its disconnect, when the monitor reports it, changes nothing
-        for address in {conn.address for _, conn in late}:
-            self.strike(address, now)
+            lapsed[conn.address] += 1
+        for address, count in lapsed.items():
+            self.strike(address, count, now)
         return late
 
-    def strike(self, address: str, now: float) -> None:
+    def strike(self, address: str, lapses: int, now: float) -> None:
         strikes = self.strikes.pop(address, None) or Strikes()
         if now - strikes.last > FORGET_S:
-            strikes.count = 0
-        strikes.count += 1
+            strikes.lapses = strikes.refusals = 0
+        strikes.lapses += lapses
         strikes.last = now
         self.strikes[address] = strikes
         if len(self.strikes) > MAX_ADDRESSES:
             del self.strikes[next(iter(self.strikes))]
-        if strikes.count > 1:
-            self.refuse(address, min(MAX_REFUSE_S, FIRST_REFUSE_S * 2 ** (strikes.count - 2)), now)
+        if strikes.lapses > FREE_LAPSES:
+            strikes.refusals += 1
+            seconds = FIRST_REFUSE_S * 2.0 ** min(strikes.refusals - 1, 16)
+            self.refuse(address, min(MAX_REFUSE_S, seconds), now)

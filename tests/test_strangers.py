@@ -14,7 +14,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from inferencecenter.actors.admission import FIRST_REFUSE_S, Admission
+from inferencecenter.actors.admission import FIRST_REFUSE_S, FREE_LAPSES, Admission
 from inferencecenter.actors.zap import Handshake
 from inferencecenter.clients import Client
 from inferencecenter.daemon.testing import Daemon, actor_process, start_daemon, stop_daemon
@@ -190,7 +190,7 @@ def test_an_address_the_backoff_refused_is_refused_at_the_handshake_until_then()
 
 
 def test_connections_that_never_authenticate_are_dropped_then_their_address_refused() -> None:
-    admission = Admission(max_connections=100, per_address=10, auth_timeout=5.0)
+    admission = Admission(max_connections=100, per_address=100, auth_timeout=5.0)
     admission.accepted(10, "10.0.0.1", 1000, 0.0)
     admission.accepted(11, "10.0.0.1", 1001, 0.0)
     admission.authenticated(11)
@@ -198,9 +198,18 @@ def test_connections_that_never_authenticate_are_dropped_then_their_address_refu
     late = admission.overdue(6.0)
     assert [fd for fd, _ in late] == [10]  # the authenticated one stays
     assert admission.overdue(7.0) == []  # dropped once, not named again
-    assert admission.decide(_handshake("10.0.0.1"), 7.0).ok  # a first lapse costs nothing
-    admission.accepted(12, "10.0.0.1", 1002, 7.0)
-    assert [fd for fd, _ in admission.overdue(13.0)] == [12]
-    assert not admission.decide(_handshake("10.0.0.1"), 13.0).ok
-    assert not admission.accepted(13, "10.0.0.1", 1003, 13.0)
-    assert admission.decide(_handshake("10.0.0.1"), 13.0 + FIRST_REFUSE_S + 0.1).ok
+    # A few lapses cost nothing (a NAT, this machine); more than FREE_LAPSES, a refusal.
+    for fd in range(20, 20 + FREE_LAPSES - 1):
+        assert admission.accepted(fd, "10.0.0.1", fd, 7.0)
+    assert len(admission.overdue(13.0)) == FREE_LAPSES - 1
+    assert admission.decide(_handshake("10.0.0.1"), 13.0).ok
+    admission.accepted(40, "10.0.0.1", 40, 13.0)
+    assert [fd for fd, _ in admission.overdue(19.0)] == [40]
+    assert not admission.decide(_handshake("10.0.0.1"), 19.0).ok
+    assert not admission.accepted(41, "10.0.0.1", 41, 19.0)
+    assert admission.decide(_handshake("10.0.0.2"), 19.0).ok
+    assert admission.decide(_handshake("10.0.0.1"), 19.0 + FIRST_REFUSE_S + 0.1).ok
+    admission.accepted(42, "10.0.0.1", 42, 22.0)
+    admission.overdue(28.0)  # a further lapse: refused twice as long
+    assert not admission.decide(_handshake("10.0.0.1"), 28.0 + FIRST_REFUSE_S + 0.1).ok
+    assert admission.decide(_handshake("10.0.0.1"), 28.0 + 2 * FIRST_REFUSE_S + 0.1).ok
