@@ -6,7 +6,9 @@ A stranger costs the gateway only what libzmq holds for an open connection: it i
 as it is accepted, before its handshake, when its address already has its share of connections,
 the daemon its total, or its address is refused for now (the auth actor's backoff said so, or
 its connections were closed for never authenticating; the ZAP handler refuses such an address's
-handshakes too); and it is closed after `auth_timeout` seconds without a successful auth.
+handshakes too); and it is closed when it has sent nothing at all `auth_timeout` seconds after it
+opened. One that speaks (a `ping` is allowed before `auth`) but has not authenticated by then is
+kept within the caps, and counts as a lapse of its address like a closed one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Connection:
     port: int
     accepted: float
     authenticated: bool = False
+    spoke: bool = False  # it has sent a message
+    lapsed: bool = False  # counted once as not authenticated in time
 
 
 @dataclass
@@ -100,6 +104,11 @@ class Admission:
 
     # ---- what auth says ----
 
+    def spoke(self, fd: int) -> None:
+        conn = self.connections.get(fd)
+        if conn is not None:
+            conn.spoke = True
+
     def authenticated(self, fd: int) -> None:
         conn = self.connections.get(fd)
         if conn is not None:
@@ -117,17 +126,19 @@ class Admission:
     # ---- strangers that never authenticate ----
 
     def overdue(self, now: float) -> list[tuple[int, Connection]]:
-        """Connections open longer than auth_timeout without a successful auth; each address
-        with some gets a strike (refused for a while from the second on)."""
-        late = [
-            (fd, conn)
-            for fd, conn in self.connections.items()
-            if not conn.authenticated and now - conn.accepted > self.auth_timeout
-        ]
+        """The connections to close: silent for auth_timeout since they opened. Those and the
+        ones that spoke without authenticating in that time are lapses of their address (many
+        lapses: the address is refused for a while)."""
+        late: list[tuple[int, Connection]] = []
         lapsed: Counter[str] = Counter()
-        for fd, conn in late:
-            self.closed(fd)  # its disconnect, when the monitor reports it, changes nothing
+        for fd, conn in list(self.connections.items()):
+            if conn.authenticated or conn.lapsed or now - conn.accepted <= self.auth_timeout:
+                continue
+            conn.lapsed = True
             lapsed[conn.address] += 1
+            if not conn.spoke:
+                late.append((fd, conn))
+                self.closed(fd)  # its disconnect, when the monitor reports it, changes nothing
         for address, count in lapsed.items():
             self.strike(address, count, now)
         return late

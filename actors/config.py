@@ -224,7 +224,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--auth-timeout",
         type=float,
         default=10.0,
-        help="seconds a frontend connection may stay unauthenticated before it is closed",
+        help="seconds after which a frontend connection that has sent nothing is closed (and "
+        "one that has not authenticated counts against its address)",
     )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(

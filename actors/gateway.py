@@ -211,6 +211,7 @@ class Gateway:
             self.connection_lost(previous)
         self.fd_peers[fd] = peer
         self.peer_fds[peer] = fd
+        self.guard.spoke(fd)
 
     def drain_monitor(self) -> None:
         """Handle the monitor's pending events before any client message: a disconnect is queued

@@ -1,8 +1,8 @@
 """The gateway's guard at the door: its ZAP handler (caps, refused addresses, CURVE keys passed on
 as each connection's User-Id) and the closing of connections that never authenticate.
 
-libzmq gives a ROUTER no way to close one peer; the guard shuts the peer's OS socket down
-(`shutdown(2)` on a duplicate of the fd the socket monitor reported at accept), and libzmq then
+libzmq gives a ROUTER no way to close one peer; to close a silent one the guard shuts its socket
+down (`shutdown(2)` on a duplicate of the fd the socket monitor reported at accept), and libzmq then
 sees the connection end as if the peer had left. The fd's peer address is checked first, so a
 descriptor reused by a newer connection is never touched.
 """
@@ -77,6 +77,9 @@ class StrangerGuard:
 
     def closed(self, fd: int) -> None:
         self.admission.closed(fd)
+
+    def spoke(self, fd: int) -> None:
+        self.admission.spoke(fd)
 
     def authenticated(self, fd: int | None) -> None:
         if fd is not None:

@@ -195,13 +195,15 @@ def test_connections_that_never_authenticate_are_dropped_then_their_address_refu
     admission.accepted(11, "10.0.0.1", 1001, 0.0)
     admission.authenticated(11)
     assert admission.overdue(4.0) == []
+    admission.accepted(12, "10.0.0.1", 1002, 0.0)
+    admission.spoke(12)  # pings, never authenticates: kept, but a lapse
     late = admission.overdue(6.0)
-    assert [fd for fd, _ in late] == [10]  # the authenticated one stays
+    assert [fd for fd, _ in late] == [10]  # the authenticated one stays, and the speaker
     assert admission.overdue(7.0) == []  # dropped once, not named again
     # A few lapses cost nothing (a NAT, this machine); more than FREE_LAPSES, a refusal.
-    for fd in range(20, 20 + FREE_LAPSES - 1):
+    for fd in range(20, 20 + FREE_LAPSES - 2):
         assert admission.accepted(fd, "10.0.0.1", fd, 7.0)
-    assert len(admission.overdue(13.0)) == FREE_LAPSES - 1
+    assert len(admission.overdue(13.0)) == FREE_LAPSES - 2
     assert admission.decide(_handshake("10.0.0.1"), 13.0).ok
     admission.accepted(40, "10.0.0.1", 40, 13.0)
     assert [fd for fd, _ in admission.overdue(19.0)] == [40]
