@@ -16,8 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 import zmq
+import zmq.utils.z85
 
 from inferencecenter.actors.config import ConfigError, _check_curve
+from inferencecenter.actors.metrics_access import MetricsKeys
+from inferencecenter.actors.zap import Handshake, Verdict
+from inferencecenter.actors.zap import parse_request as parse_zap
+from inferencecenter.actors.zap import reply_frames as zap_reply
 from inferencecenter.clients import AsyncClient, AuthFailed, Client
 from inferencecenter.clients.metrics import MetricsSubscriber
 from inferencecenter.daemon.testing import (
@@ -347,3 +352,37 @@ def test_keygen_binds_a_new_client_to_its_own_certificate(curved: Daemon, tmp_pa
     without = _cli(*common, env=env)
     assert without.returncode != 0 and "auth_failed" in without.stderr, without.stderr
     assert api_key not in without.stderr + with_cert.stderr
+
+
+def test_a_zap_request_gives_the_peers_address_and_curve_key() -> None:
+    public, _ = zmq.curve_keypair()
+    raw = zmq.utils.z85.decode(public)
+    frames = [b"1.0", b"7", b"frontend", b"10.0.0.5", b"", b"CURVE", raw]
+    request_id, handshake = parse_zap(frames)
+    assert request_id == b"7"
+    assert handshake == Handshake("frontend", "10.0.0.5", "CURVE", public.decode())
+    assert zap_reply(b"7", Verdict(True, user_id=public.decode()))[2:5] == [b"200", b"OK", public]
+    assert zap_reply(b"7", Verdict(False, "no"))[2] == b"400"
+    with pytest.raises(ValueError):
+        parse_zap([b"2.0", b"7", b"frontend", b"10.0.0.5", b"", b"NULL"])
+
+
+def test_metrics_keys_are_the_entries_curve_keys(tmp_path: Path) -> None:
+    entry, (public, _) = _bound_entry()
+    clients = tmp_path / "clients.json"
+    clientsfile.save(clients, [*TEST_CLIENTS, entry])
+    keys = MetricsKeys(clients)
+    assert keys.decide(Handshake("metrics", "10.0.0.5", "CURVE", public.decode())).ok
+    other, _ = zmq.curve_keypair()
+    assert not keys.decide(Handshake("metrics", "10.0.0.5", "CURVE", other.decode())).ok
+    assert not keys.decide(Handshake("metrics", "10.0.0.5", "NULL", "")).ok
+
+
+def test_a_clients_file_entry_with_a_malformed_curve_key_is_refused(tmp_path: Path) -> None:
+    clients = tmp_path / "clients.json"
+    entry, _ = _bound_entry()
+    clientsfile.save(clients, [entry])
+    text = clients.read_text().replace(entry.curve_public_key, "not-a-key")
+    clients.write_text(text)
+    with pytest.raises(clientsfile.ClientsFileError, match="curve_public_key"):
+        clientsfile.load(clients)
