@@ -297,11 +297,19 @@ class AuthActor:
     async def authenticate(self, body: Body, caller: Caller) -> None:
         client_id = str(body.get("client_id", ""))[:256]
         api_key = str(body.get("api_key", ""))
+        curve_key = str(body.get("curve_key") or "")
+
+        def find() -> ClientEntry | None:
+            entry = self.registry.authenticate(client_id, api_key)
+            if entry is not None and entry.curve_public_key not in ("", curve_key):
+                return None  # bound to its own CURVE key: a stolen api key alone is not enough
+            return entry
+
         await self.check(
             body,
             caller,
             [f"id:{client_id}"],
-            lambda: self.registry.authenticate(client_id, api_key),
+            find,
             client_id,
             "unknown client_id or wrong api_key",
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..protocol import clientsfile, credentialsfile
+from ..protocol import clientsfile, credentialsfile, curve
 from ..protocol.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -65,6 +66,13 @@ class Config:
     # Set in an engine's own config: the model it serves, and its engine id (socket, reports).
     served_name: str = ""
     engine_id: str = ""
+    # CURVE on the frontend and the metrics socket, with this secret certificate file.
+    curve: bool = False
+    server_cert: str = ""
+    # Strangers' cost: connections at once (in total, per IP address), seconds to authenticate.
+    max_connections: int = 4096
+    max_connections_per_address: int = 256
+    auth_timeout: float = 10.0
 
     @property
     def model_name(self) -> str:
@@ -202,6 +210,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--alert-temp-c", type=float, default=83.0, help="GPU temperature that raises an alert"
     )
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="encrypt the frontend and metrics with CurveZMQ; clients need the server.key",
+    )
+    parser.add_argument(
+        "--server-cert",
+        help="the server's CURVE secret certificate (default: server.key_secret beside the "
+        "clients file, created at first start)",
+    )
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="allow a non-loopback --bind without --curve (keys and prompts travel in clear)",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=4096, help="frontend connections at once"
+    )
+    parser.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=256,
+        help="frontend connections at once from one IP address",
+    )
+    parser.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=10.0,
+        help="seconds after which a frontend connection that has sent nothing is closed (and "
+        "one that has not authenticated counts against its address)",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
@@ -263,6 +302,39 @@ def _check_tls(args: argparse.Namespace) -> tuple[str, str]:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(f"cannot use --tls-cert {cert} / --tls-key {key}: {reason}") from None
     return os.path.abspath(cert), os.path.abspath(key)
+
+
+def is_loopback(bind: str) -> bool:
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or an interface: it may reach the network
+
+
+def _check_curve(args: argparse.Namespace, clients_path: Path) -> str:
+    """The server certificate's path under --curve (created when missing), else ""; refuses a
+    plaintext non-loopback bind."""
+    if not args.curve:
+        if args.server_cert:
+            raise ConfigError("--server-cert needs --curve")
+        if not is_loopback(args.bind) and not args.insecure_plaintext:
+            raise ConfigError(
+                f"--bind {args.bind} is not a loopback address: serve it with --curve (or give "
+                "--insecure-plaintext to send keys and prompts in clear)"
+            )
+        return ""
+    path = Path(args.server_cert or clients_path.with_name(curve.SERVER_SECRET_FILE))
+    try:
+        if not args.server_cert and not path.exists():
+            curve.create_server_cert(path)
+        curve.load_server_cert(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write server certificate {path}: {exc.strerror}") from None
+    except curve.CurveError as exc:
+        raise ConfigError(str(exc)) from None
+    return str(path.resolve())
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
@@ -350,6 +422,11 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         clientsfile.load(clients_path)
     except clientsfile.ClientsFileError as exc:
         raise ConfigError(str(exc)) from None
+    server_cert = _check_curve(args, clients_path)
+    if args.max_connections < 1 or args.max_connections_per_address < 1:
+        raise ConfigError("--max-connections and --max-connections-per-address must be >= 1")
+    if not 1.0 <= args.auth_timeout <= 3600:
+        raise ConfigError("--auth-timeout must be in 1..3600 seconds")
     config = Config(
         model=models[0][1],
         bind=args.bind,
@@ -386,5 +463,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         models_dir=models_dir,
         max_loaded_models=args.max_loaded_models,
         keep_alive=args.keep_alive,
+        curve=args.curve,
+        server_cert=server_cert,
+        max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
+        auth_timeout=args.auth_timeout,
     )
     return config, created

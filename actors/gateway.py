@@ -7,13 +7,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ..protocol import internal, messages, wire
+from ..protocol import curve, internal, messages, wire
 from ..protocol.errors import (
     Forbidden,
     InternalError,
@@ -33,12 +34,20 @@ from .config import Config
 from .logs import EventLog
 from .models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
 from .revocation import REVOKED_MESSAGE, ClientsWatch, Table, change_of
+from .strangers import StrangerGuard
 
 log = EventLog("gateway")
 
+# Replies held for one connection that does not read them (then dropped): tokens are ~100
+# bytes, so a client that never reads costs at most ~0.1-1 MiB here (docs/security.md).
+SNDHWM_PER_CONNECTION = 1000
+# Requests read ahead from one connection: beyond, libzmq stops reading its TCP socket and the
+# client's sends wait (nothing is lost). A flood of small requests then costs ~0.2 MiB here.
+RCVHWM_PER_CONNECTION = 1000
 # Requests of one connection are handled in order (an abort never overtakes its infer);
 # beyond this many waiting, the connection gets `overloaded`.
 CONNECTION_QUEUE = 64
+ZAP_DOMAIN = "frontend"
 CONNECTION_IDLE_S = 60.0
 # Owners of this many sessions are remembered (least recently used dropped first); beyond it,
 # or after a restart, a session's owner is asked of the sessions actor once again.
@@ -102,9 +111,13 @@ EMPTY_STATS = {
 
 
 class Gateway:
-    def __init__(self, config: Config, frontend: TrioSocket) -> None:
+    def __init__(self, config: Config, frontend: TrioSocket, guard: StrangerGuard) -> None:
         self.config = config
         self.frontend = frontend
+        self.guard = guard
+        guard.before_decide = self.drain_monitor
+        # Where each connection's auth came from: (IP address, CURVE public key or "").
+        self.origins: dict[bytes, tuple[str, str]] = {}
         frontend.on_receive = self.on_frontend
         self.nursery: trio.Nursery | None = None
         self.auth = ActorLink(internal.AUTH, config, watch=True)
@@ -125,7 +138,7 @@ class Gateway:
         self.owners: OrderedDict[str, Owner] = OrderedDict()  # by session_id
         self.fd_peers: dict[int, bytes] = {}
         self.peer_fds: dict[bytes, int] = {}
-        self.monitor = frontend.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor = frontend.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.server_info: dict[str, Any] = {
             "name": "inferencecenter",
             "version": _version(),
@@ -167,6 +180,7 @@ class Gateway:
             self.clients_watch.start()
             nursery.start_soon(self.frontend.run)
             nursery.start_soon(self.watch_monitor)
+            nursery.start_soon(self.guard.run)
 
     def on_frontend(self, frames: list[bytes]) -> None:
         """Check one client message (frames, size, body, auth) and queue it for its connection."""
@@ -188,6 +202,11 @@ class Gateway:
         except ProtocolError as exc:
             self.reply_error(peer, request_id, exc)
             return
+        if request.op == "auth":
+            self.origins[peer] = (
+                self.frontend.last_property("Peer-Address"),
+                self.frontend.last_property("User-Id"),
+            )
         self.enqueue(peer, request)
 
     async def watch_monitor(self) -> None:
@@ -208,6 +227,7 @@ class Gateway:
             self.connection_lost(previous)
         self.fd_peers[fd] = peer
         self.peer_fds[peer] = fd
+        self.guard.spoke(fd)
 
     def drain_monitor(self) -> None:
         """Handle the monitor's pending events before any client message: a disconnect is queued
@@ -221,7 +241,10 @@ class Gateway:
 
     def on_monitor_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)
+        if event["event"] == zmq.EVENT_ACCEPTED:
+            self.guard.accepted(int(event["value"]))
         if event["event"] == zmq.EVENT_DISCONNECTED:
+            self.guard.closed(int(event["value"]))
             peer = self.fd_peers.pop(int(event["value"]), None)
             if peer is not None:
                 self.peer_fds.pop(peer, None)
@@ -231,6 +254,7 @@ class Gateway:
         """A client vanished: its running generations are aborted; its sessions stay."""
         self.clients.pop(peer, None)
         self.revoked.discard(peer)
+        self.origins.pop(peer, None)
         queue = self.queues.pop(peer, None)
         if queue is not None:
             queue.close()
@@ -358,12 +382,17 @@ class Gateway:
         self.reply(peer, request.id, messages.PONG, time=time.time())
 
     async def authenticate(self, peer: bytes, request: Request) -> None:
+        address, curve_key = self.origins.get(peer, ("", ""))
         result = await self.auth.request(
             "authenticate",
             client_id=request.fields["client_id"],
             api_key=request.fields["api_key"],
+            address=address,
+            curve_key=curve_key,
         )
         if not result.get("ok"):
+            if result.get("retry_after_s"):  # refused unchecked: so is its next handshake
+                self.guard.refuse(address, float(result["retry_after_s"]))
             self.clients.pop(peer, None)
             self.reply(peer, request.id, messages.AUTH_FAILED, reason=result.get("reason", ""))
             return
@@ -383,6 +412,7 @@ class Gateway:
             return
         self.clients[peer] = state
         self.revoked.discard(peer)
+        self.guard.authenticated(self.peer_fds.get(peer))
         self.reply(
             peer,
             request.id,
@@ -703,11 +733,18 @@ class Gateway:
 
 
 def open_frontend(config: Config) -> TrioSocket:
+    """The ROUTER, its handshakes checked by the guard's ZAP handler (under --curve, CURVE ones
+    with the server's certificate; without it, NULL ones)."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.MAXMSGSIZE, wire.hard_cap(config.max_message_bytes))
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 10_000)
+    if config.curve:
+        public, secret = curve.load_server_cert(Path(config.server_cert))
+        curve.apply_server(sock, public, secret, ZAP_DOMAIN)
+    else:
+        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+    sock.setsockopt(zmq.SNDHWM, SNDHWM_PER_CONNECTION)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM_PER_CONNECTION)
     # ZMTP heartbeats drop a silent peer (cable pulled) after --client-timeout; every peer
     # built on libzmq answers them by itself. The socket monitor then reports the connection's
     # OS socket as disconnected (see Gateway.drain_monitor).
@@ -720,8 +757,9 @@ def open_frontend(config: Config) -> TrioSocket:
 
 
 async def main(config: Config, stop: trio.Event) -> None:
+    guard = StrangerGuard(config)  # its ZAP handler is bound before the frontend
     frontend = open_frontend(config)
-    gateway = Gateway(config, frontend)
+    gateway = Gateway(config, frontend, guard)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gateway.run)
         report_to_supervisor(config, {"op": "ready", "actor": internal.GATEWAY})

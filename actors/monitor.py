@@ -19,6 +19,7 @@ from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorServer, Body, Caller, report_to_supervisor
 from .config import Config
 from .logs import EventLog
+from .metrics_access import open_metrics_socket
 from .models import SUMMED, combine_inference
 from .prometheus import PrometheusExporter
 
@@ -333,7 +334,7 @@ class MonitorActor:
 
 
 async def main(config: Config, stop: trio.Event) -> None:
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
+    sock, zap = open_metrics_socket(config)  # under --curve, only allowed keys subscribe
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never slows us
     sock.setsockopt(zmq.MAXMSGSIZE, SUB_MAX_MESSAGE_BYTES)
@@ -350,6 +351,8 @@ async def main(config: Config, stop: trio.Event) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)
         nursery.start_soon(pub.run)
+        if zap is not None:
+            nursery.start_soon(zap.run)
         nursery.start_soon(actor.run)
         report_to_supervisor(config, {"op": "ready", "actor": internal.MONITOR})
         await stop.wait()

@@ -43,7 +43,7 @@ class AsyncClient(ClientBase):
     async def __aenter__(self) -> AsyncClient:
         if self._nursery is not None or self.closed:
             raise RuntimeError("an AsyncClient can be entered only once")
-        sock, self._monitor = open_dealer(self.endpoint)
+        sock, self._monitor = open_dealer(self.endpoint, self._curve)
         self._socket = TrioSocket(sock, on_receive=self._on_reply)
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()

@@ -13,13 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from inferencecenter.protocol import clientsfile, credentialsfile
+from inferencecenter.protocol import clientsfile, credentialsfile, curve
 from inferencecenter.protocol.errors import ProtocolError
 from inferencecenter.protocol.messages import MAX_NAME_BYTES, parse_params
 
 from .client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, Client, EndpointError, Generation
 from .core import DEFAULT_LOAD_TIMEOUT
-from .credentials import ENV_API_KEY, ENV_CLIENT_ID, ENV_CLIENTS, CredentialsError
+from .credentials import (
+    ENV_API_KEY,
+    ENV_CLIENT_ID,
+    ENV_CLIENTS,
+    ENV_CURVE_CERT,
+    ENV_SERVER_KEY,
+    CredentialsError,
+    clients_path,
+)
 from .keys import add_keys_command
 from .metrics import DEFAULT_METRICS_ENDPOINT, MetricsSubscriber
 
@@ -115,6 +123,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--json", action="store_true", help="print each message body as a JSON line")
     p.add_argument("--count", type=_positive_int, help="stop after N messages")
+    _curve_options(p)
     p.add_argument(
         "--timeout",
         type=float,
@@ -140,6 +149,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="print one frame once the first metrics message arrives, then exit",
     )
     p.add_argument("--no-color", action="store_true", help="draw without colours")
+    _curve_options(p)
     p.set_defaults(func=_guarded(_top))
 
     p = subparsers.add_parser(
@@ -177,6 +187,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=None,
         help=f"where --save stores the key (default {credentialsfile.default_path()})",
     )
+    p.add_argument(
+        "--curve-cert-dir",
+        type=Path,
+        help="also write the client's own CURVE certificate (CLIENT_ID.key_secret, mode 0600) "
+        "here and bind the client to it (curve_public_key): under --curve it then "
+        "authenticates only with that certificate (--curve-cert), and may read metrics",
+    )
     p.set_defaults(func=_guarded(_keygen))
 
     add_keys_command(subparsers)
@@ -211,6 +228,7 @@ def _connection_options(p: argparse.ArgumentParser, timeout: float = DEFAULT_TIM
         default=timeout,
         help=f"seconds to wait for each reply (default {timeout:g})",
     )
+    _curve_options(p)
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
@@ -252,7 +270,41 @@ def _connect(args: argparse.Namespace) -> Client:
         args.api_key,
         clients_file=args.clients,
         timeout=args.timeout,
+        **_curve_keys(args),
     )
+
+
+def _curve_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CURVE (a daemon started with --curve)")
+    g.add_argument(
+        "--server-key",
+        help=f"the daemon's public key: Z85 text or its server.key file; `none` for plaintext "
+        f"(default: ${ENV_SERVER_KEY}, else the server.key beside the clients file, if any)",
+    )
+    g.add_argument(
+        "--curve-cert",
+        help=f"this client's own CURVE secret certificate (.key_secret), for a clients-file "
+        f"entry bound by curve_public_key or allowed metrics (default: ${ENV_CURVE_CERT})",
+    )
+
+
+def _curve_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """curve_serverkey and curve_keypair for the client library. Without a key given, the
+    daemon's own server.key is used when this machine has one beside the clients file (the CLI
+    on the daemon's host needs no flag)."""
+    given = args.server_key or os.environ.get(ENV_SERVER_KEY) or ""
+    if given.lower() == "none":
+        return {}
+    if not given:
+        local = clients_path(getattr(args, "clients", None)).with_name(curve.SERVER_PUBLIC_FILE)
+        if not local.exists():
+            return {}
+        given = str(local)
+    keys: dict[str, Any] = {"curve_serverkey": curve.read_public_key(given)}
+    cert = args.curve_cert or os.environ.get(ENV_CURVE_CERT)
+    if cert:
+        keys["curve_keypair"] = curve.client_keypair_from_file(cert)
+    return keys
 
 
 def _guarded(command: Command) -> Command:
@@ -270,6 +322,7 @@ def _guarded(command: Command) -> Command:
             credentialsfile.CredentialsFileError,
             EndpointError,
             TimeoutError,
+            curve.CurveError,
         ) as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
@@ -472,7 +525,7 @@ def _unload(args: argparse.Namespace) -> int:
 
 
 def _metrics(args: argparse.Namespace) -> int:
-    with MetricsSubscriber(args.endpoint, timeout=args.timeout) as subscriber:
+    with MetricsSubscriber(args.endpoint, timeout=args.timeout, **_curve_keys(args)) as subscriber:
         seen = 0
         try:
             for topic, body in subscriber:
@@ -488,7 +541,9 @@ def _metrics(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     from .top import run_top  # rich is loaded by the one command that draws with it
 
-    return run_top(args.metrics_endpoint, once=args.once, color=not args.no_color)
+    return run_top(
+        args.metrics_endpoint, once=args.once, color=not args.no_color, **_curve_keys(args)
+    )
 
 
 def format_metrics(topic: str, body: dict[str, Any]) -> str:
@@ -560,11 +615,17 @@ def _keygen(args: argparse.Namespace) -> int:
     stored: Path = args.credentials or credentialsfile.default_path()
     if args.save:
         credentialsfile.load(stored)  # a broken credentials file stops us before any change
+    cert = None
+    if args.curve_cert_dir is not None:
+        cert, public = curve.create_client_cert(args.curve_cert_dir, client_id)
+        fields["curve_public_key"] = public.decode()
     entry = clientsfile.add_client(path, client_id, hash_only=True, **fields)
     saved = ""
     if args.save:
         credentialsfile.store(stored, entry.client_id, entry.api_key)
         saved = f" The key is stored in {stored} (mode 0600)."
+    if cert is not None:
+        print(f"curve_cert: {cert}")
     print(f"client_id: {entry.client_id}")
     if entry.role != "user":
         print(f"role: {entry.role}")

@@ -41,7 +41,7 @@ class Client(ClientBase):
         self._sock_lock = threading.Lock()
         self._reading = False
         self._senders = 0
-        self._sock, self._monitor = open_dealer(self.endpoint)
+        self._sock, self._monitor = open_dealer(self.endpoint, self._curve)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from inferencecenter.protocol import wire
+from inferencecenter.protocol import curve, wire
 from inferencecenter.protocol.errors import (
     AuthFailed,
     InternalError,
@@ -652,9 +652,15 @@ class ClientBase:
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float | None = None,
         load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+        curve_serverkey: str | bytes | None = None,
+        curve_keypair: tuple[str | bytes, str | bytes] | None = None,
     ) -> None:
         # Resolved first, so a missing key is reported before any socket exists.
         self._creds = credentials.resolve(client_id, api_key, clients_file)
+        # With the daemon's public key (Z85, its server.key), the connection is under CURVE:
+        # encrypted, and only the daemon holding the secret half can answer. `curve_keypair`
+        # (public, secret) is this client's own, for an entry bound by `curve_public_key`.
+        self._curve = curve.client_curve(curve_serverkey, curve_keypair)
         self.endpoint = endpoint
         self.timeout = timeout
         # load_model's wait (at least `timeout`). A create_session or infer that loads its model

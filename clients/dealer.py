@@ -7,6 +7,8 @@ import contextlib
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from inferencecenter.protocol.curve import ClientCurve
+
 from .core import Frames, Link, Received
 
 # ZMTP heartbeats: a daemon that stops answering them for HEARTBEAT_TIMEOUT is a dropped
@@ -35,10 +37,15 @@ def connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
         ) from None
 
 
-def open_dealer(endpoint: str) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
-    """The client's DEALER, heartbeating and connected, and the PAIR reporting its LINK_EVENTS."""
+def open_dealer(
+    endpoint: str, curve: ClientCurve | None = None
+) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """The client's DEALER, heartbeating and connected (under CURVE with `curve`), and the PAIR
+    reporting its LINK_EVENTS."""
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)

@@ -9,7 +9,7 @@ from typing import Any
 
 import zmq
 
-from inferencecenter.protocol import wire
+from inferencecenter.protocol import curve, wire
 from inferencecenter.protocol.errors import ProtocolError
 
 from .client import connect
@@ -35,13 +35,20 @@ class MetricsSubscriber(Iterator[tuple[str, dict[str, Any]]]):
         topics: Iterable[str] = ("metrics",),
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        curve_serverkey: str | bytes | None = None,
+        curve_keypair: tuple[str | bytes, str | bytes] | None = None,
     ) -> None:
+        """Under --curve, give the daemon's public key and a keypair that the clients file
+        allows for metrics (an entry's `curve_public_key`)."""
         self.endpoint = endpoint
         self.topics = tuple(topics)
         self.timeout = timeout
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        keys = curve.client_curve(curve_serverkey, curve_keypair)
+        if keys is not None:
+            keys.apply(self._sock)
         for topic in self.topics:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
         connect(self._sock, endpoint)

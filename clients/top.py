@@ -386,7 +386,7 @@ def render(state: DashboardState, now: float | None = None) -> RenderableType:
 # ---- the command ----
 
 
-def run_top(endpoint: str, *, once: bool = False, color: bool = True) -> int:
+def run_top(endpoint: str, *, once: bool = False, color: bool = True, **curve_keys: Any) -> int:
     """Draw the dashboard until Ctrl-C (exit 0); with `once`, print one frame and return.
 
     `once` waits for the first `metrics` message, at most DEFAULT_TIMEOUT seconds between
@@ -395,7 +395,9 @@ def run_top(endpoint: str, *, once: bool = False, color: bool = True) -> int:
     console = Console(no_color=not color, highlight=False)
     state = DashboardState(endpoint)
     try:
-        with MetricsSubscriber(endpoint, TOPICS, timeout=DEFAULT_TIMEOUT) as subscriber:
+        with MetricsSubscriber(
+            endpoint, TOPICS, timeout=DEFAULT_TIMEOUT, **curve_keys
+        ) as subscriber:
             if once:
                 while state.metrics is None:
                     state.ingest(*subscriber.receive())

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import zmq
 
-from ..protocol import clientsfile, wire
+from ..protocol import clientsfile, curve, wire
 from ..protocol.clientsfile import ClientEntry
 
 START_DEADLINE_S = 180.0
@@ -74,6 +74,11 @@ class Daemon:
     extra: dict[str, Any] = field(default_factory=dict)
     http_port: int = 0  # 0: the HTTP actor is off
     http_scheme: str = "http"  # "https" with --tls-cert
+    server_key: bytes = b""  # with --curve: the daemon's public key (Z85)
+
+    def client_keys(self) -> curve.ClientCurve | None:
+        """Keys for a raw socket of a test (a fresh client keypair), None without --curve."""
+        return curve.client_curve(self.server_key) if self.server_key else None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -108,9 +113,14 @@ def serve_command(port: int, metrics_port: int, clients: Path, *extra: str) -> l
     ]
 
 
-def wait_for_pong(endpoint: str, process: subprocess.Popen[bytes], deadline_s: float) -> None:
+def wait_for_pong(
+    endpoint: str,
+    process: subprocess.Popen[bytes],
+    deadline_s: float,
+    keys: curve.ClientCurve | None = None,
+) -> None:
     """Block until the daemon answers ping (it answers only once every actor is ready)."""
-    client = RawClient(endpoint)
+    client = RawClient(endpoint, keys)
     try:
         client.send({"op": "ping", "id": 0})
         end = time.monotonic() + deadline_s
@@ -144,6 +154,11 @@ def start_daemon(
     port, metrics_port, http_port = free_ports(3)
     http_port = http_port if http else 0
     scheme = "https" if "--tls-cert" in extra else "http"
+    server_key = b""
+    if "--curve" in extra and "--server-cert" not in extra:
+        # The daemon's default certificate, made here so that the test knows its key first.
+        curve.create_server_cert(tmp / curve.SERVER_SECRET_FILE)
+        server_key, _ = curve.load_server_cert(tmp / curve.SERVER_SECRET_FILE)
     log_path = tmp / "daemon.log"
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
@@ -154,7 +169,9 @@ def start_daemon(
         )
     endpoint = f"tcp://127.0.0.1:{port}"
     try:
-        wait_for_pong(endpoint, process, deadline_s)
+        wait_for_pong(
+            endpoint, process, deadline_s, curve.client_curve(server_key) if server_key else None
+        )
         if http_port:
             wait_for_health(f"{scheme}://127.0.0.1:{http_port}", process, deadline_s)
     except BaseException:
@@ -175,6 +192,7 @@ def start_daemon(
         {"carol_key": keys["carol"]},
         http_port,
         scheme,
+        server_key,
     )
 
 
@@ -249,9 +267,11 @@ def actor_process(daemon: Daemon, name: str) -> psutil.Process:
 class RawClient:
     """A bare DEALER speaking frames by hand, as a client written from PROTOCOL.md would."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys: curve.ClientCurve | None = None) -> None:
         self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self.sock)
         self.sock.connect(endpoint)
         self.backlog: list[dict[str, Any]] = []  # replies read while waiting for another id
         self.next_id = 0

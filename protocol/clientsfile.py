@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import curve
+
 PRIORITIES = ("high", "normal", "low")
 # An admin may load and unload models and act on every client's sessions.
 ROLES = ("user", "admin")
@@ -51,6 +53,9 @@ class ClientEntry:
     max_prompt_tokens: int | None = None  # None: the daemon's default
     max_queued: int | None = None
     tokens_per_minute: int | None = None
+    # Z85 CURVE public key: this client may authenticate only over a connection made with it
+    # (under --curve), and may subscribe to metrics ("" : any connection, no metrics).
+    curve_public_key: str = ""
 
     def __post_init__(self) -> None:
         if self.api_key and not self.api_key_sha256:
@@ -102,6 +107,12 @@ def _entry(raw: Any, index: int, path: Path) -> ClientEntry:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
             raise ClientsFileError(f"{where}.{name} must be an integer >= 0 (0: no limit)")
         budgets[name] = value
+    curve_key = raw.get("curve_public_key", "")
+    if curve_key:
+        try:
+            curve_key = curve.z85_key(curve_key, f"{where}.curve_public_key").decode()
+        except curve.CurveError as exc:
+            raise ClientsFileError(str(exc)) from None
     return ClientEntry(
         client_id,
         api_key,
@@ -111,6 +122,7 @@ def _entry(raw: Any, index: int, path: Path) -> ClientEntry:
         role,
         api_key_sha256=digest,
         **budgets,
+        curve_public_key=curve_key,
     )
 
 
@@ -180,6 +192,8 @@ def _to_json(entry: ClientEntry) -> dict[str, Any]:
     for name in BUDGETS:
         if data[name] is None:
             del data[name]
+    if not entry.curve_public_key:
+        del data["curve_public_key"]
     return data
 
 
@@ -231,6 +245,7 @@ def add_client(path: Path, client_id: str, hash_only: bool = False, **fields: An
         fields.get("description", old.description if old else ""),
         fields.get("role", old.role if old else "user"),
         **{name: getattr(old, name) for name in BUDGETS if old is not None},
+        curve_public_key=fields.get("curve_public_key", old.curve_public_key if old else ""),
     )
     entries = [e for e in entries if e.client_id != client_id]
     save(path, [*entries, hashed(entry) if hash_only else entry])

@@ -48,6 +48,7 @@ class TrioSocket:
         # a ROUTER uses it to learn which peer a monitor's "disconnected" event is about.
         self.track_fd = track_fd
         self.last_fd = -1
+        self._last_frame: zmq.Frame | None = None
         self._outbox: deque[Frames] = deque()
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[Frames](inbox_size)
         self._wait_scope: trio.CancelScope | None = None
@@ -98,7 +99,18 @@ class TrioSocket:
             return self.sock.recv_multipart(zmq.NOBLOCK)
         parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
         self.last_fd = int(parts[-1].get(zmq.SRCFD))
+        self._last_frame = parts[-1]
         return [part.bytes for part in parts]
+
+    def last_property(self, name: str) -> str:
+        """A metadata property of the last message received with track_fd ("Peer-Address",
+        "User-Id": what the ZAP handler answered), or "" when it has none."""
+        if self._last_frame is None:
+            return ""
+        try:
+            return str(self._last_frame.get(name))
+        except zmq.ZMQError:
+            return ""
 
     async def _deliver(self, frames: Frames) -> None:
         if self.on_receive is not None:
