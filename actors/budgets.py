@@ -1,10 +1,11 @@
 """Per-client budgets: what each client may use, and the book that counts it (no I/O).
 
 A client's budgets are the daemon's defaults (serve flags) unless its clients-file entry says
-otherwise; the auth actor hands them to the front actors with every successful auth. The
-counters have one owner, the sessions actor, which both front actors (ZeroMQ and HTTP) ask
-before they forward an infer (`admit`) and tell when it ends (`release`): a client's infers
-count the same whichever way they come.
+otherwise; the auth actor hands them to the front actors with every successful auth. Each
+front actor (the ZeroMQ gateway, the HTTP actor) counts the infers that pass through it, in a
+book of its own, when it forwards them and when they end: an infer's way to its first token
+asks no other actor (a shared book in the sessions actor would put a round trip, and that
+actor's health, on every infer). A client that uses both ways at once has its budgets on each.
 
 - `max_prompt_tokens`: the new tokens one infer may bring (checked by the engine, which
   tokenizes; 0: what the session can hold).
@@ -20,12 +21,13 @@ waits before its next request).
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..protocol.errors import RateLimited, TooLarge
-from .actor import ActorLink
 from .config import Config
 
 WINDOW_S = 60.0
@@ -122,7 +124,7 @@ class Budgets:
 
 @dataclass
 class ClientCount:
-    in_flight: set[tuple[str, int]] = field(default_factory=set)  # tickets
+    in_flight: set[int] = field(default_factory=set)  # tickets
     ends: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) in the window
     window_tokens: int = 0
 
@@ -141,13 +143,13 @@ class ClientCount:
 
 
 class BudgetBook:
-    """Every client's infers in flight (by ticket: the front actor and its number) and the
-    tokens its infers generated in the last minute."""
+    """Every client's infers in flight (by ticket) and the tokens its infers generated in the
+    last minute."""
 
     def __init__(self) -> None:
         self.clients: dict[str, ClientCount] = {}
 
-    def admit(self, client_id: str, budgets: Budgets, ticket: tuple[str, int], now: float) -> None:
+    def admit(self, client_id: str, budgets: Budgets, ticket: int, now: float) -> None:
         """Count one more infer in flight, or raise RateLimited (and count nothing)."""
         count = self.clients.setdefault(client_id, ClientCount())
         count.prune(now)
@@ -166,22 +168,16 @@ class BudgetBook:
             )
         count.in_flight.add(ticket)
 
-    def release(self, client_id: str, ticket: tuple[str, int], tokens: int, now: float) -> None:
+    def release(self, client_id: str, ticket: int, tokens: int, now: float) -> None:
         """An admitted infer ended, having generated `tokens`."""
         count = self.clients.get(client_id)
         if count is None:
-            return  # counted before this actor restarted
+            return
         count.in_flight.discard(ticket)
         if tokens > 0:
             count.ends.append((now, tokens))
             count.window_tokens += tokens
         self.forget_idle(client_id, now)
-
-    def release_front(self, front: str, now: float) -> None:
-        """A front actor (re)started: the infers it had admitted are gone with it."""
-        for client_id, count in list(self.clients.items()):
-            count.in_flight = {t for t in count.in_flight if t[0] != front}
-            self.forget_idle(client_id, now)
 
     def forget_idle(self, client_id: str, now: float) -> None:
         count = self.clients[client_id]
@@ -217,31 +213,19 @@ class RefusalPenalty:
 
 
 class Admissions:
-    """A front actor's side of the book: each infer it forwards is admitted first (one
-    request to the sessions actor) and released when its end (or error) comes back."""
+    """A front actor's book: each infer it forwards is admitted first and released when its
+    end (or error) comes back."""
 
-    def __init__(self, sessions: ActorLink, front: str) -> None:
-        self.sessions = sessions
-        self.front = front
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.book = BudgetBook()
         self.tickets = itertools.count(1)
 
-    def restarted(self) -> None:
-        """Whatever this front actor had admitted before it (re)started is over."""
-        self.sessions.push("release", front=self.front, all=True)
-
-    async def admit(self, client_id: str, budgets: Budgets) -> int:
+    def admit(self, client_id: str, budgets: Budgets) -> int:
         """The infer's ticket, or RateLimited."""
         ticket = next(self.tickets)
-        await self.sessions.request(
-            "admit",
-            client_id=client_id,
-            budgets=budgets.to_wire(),
-            front=self.front,
-            ticket=ticket,
-        )
+        self.book.admit(client_id, budgets, ticket, self.clock())
         return ticket
 
     def release(self, client_id: str, ticket: int, tokens: int = 0) -> None:
-        self.sessions.push(
-            "release", client_id=client_id, front=self.front, ticket=ticket, tokens=tokens
-        )
+        self.book.release(client_id, ticket, tokens, self.clock())

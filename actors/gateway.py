@@ -125,7 +125,7 @@ class Gateway:
         self.clients_watch.listeners.append(self.revoke)
         self.revoked: set[bytes] = set()  # connections whose client was revoked since its auth
         self.sessions = ActorLink(internal.SESSIONS, config)
-        self.admissions = Admissions(self.sessions, internal.GATEWAY)
+        self.admissions = Admissions()
         self.prompt_bounds = PromptBounds()
         # By client_id (its connections share it; the clients file bounds how many).
         self.penalties: dict[str, RefusalPenalty] = {}
@@ -172,7 +172,6 @@ class Gateway:
         self.frontend.send([peer, wire.TAG, wire.pack(exc.to_body(request_id))])
 
     async def run(self) -> None:
-        self.admissions.restarted()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for link in (self.auth, self.sessions, self.models):
@@ -567,7 +566,7 @@ class Gateway:
                 fields.get("messages"),
                 state.budgets.max_prompt_tokens,
             )
-        ticket = await self.admissions.admit(state.client_id, state.budgets)
+        ticket = self.admissions.admit(state.client_id, state.budgets)
         try:
             # A model that was unloaded is loaded again; its sessions go on from their histories.
             engine = engine or await self.models.engine(owner.model)

@@ -23,7 +23,6 @@ import trio
 from ..protocol import internal
 from ..protocol.errors import LimitReached, NotFound, ProtocolError
 from .actor import ActorServer, Body, Caller, report_to_supervisor
-from .budgets import BudgetBook, Budgets
 from .config import Config
 from .logs import EventLog
 from .models import ModelDirectory
@@ -386,10 +385,7 @@ class SessionsActor:
             "append": self.append,
             "snapshot": self.snapshot,
             "counts": self.counts,
-            "admit": self.admit,
-            "release": self.release,
         }
-        self.budgets = BudgetBook()
 
     def create(self, body: Body, caller: Caller) -> None:
         record = self.table.create(
@@ -433,22 +429,6 @@ class SessionsActor:
         for record in self.table.sessions.values():
             counts[record.model] = counts.get(record.model, 0) + 1
         caller.reply(counts=counts)
-
-    def admit(self, body: Body, caller: Caller) -> None:
-        """One more infer of a client, within its budgets, or rate_limited."""
-        ticket = (str(body["front"]), int(body["ticket"]))
-        budgets = Budgets.from_wire(body.get("budgets"))
-        self.budgets.admit(str(body["client_id"]), budgets, ticket, time.monotonic())
-        caller.reply()
-
-    def release(self, body: Body, caller: Caller) -> None:
-        """An admitted infer ended (pushed, no reply); with `all`, every one of a front actor."""
-        now = time.monotonic()
-        if body.get("all"):
-            self.budgets.release_front(str(body["front"]), now)
-            return
-        ticket = (str(body["front"]), int(body["ticket"]))
-        self.budgets.release(str(body["client_id"]), ticket, int(body.get("tokens", 0)), now)
 
     def append(self, body: Body, caller: Caller) -> None:
         """What one infer added to a conversation (pushed by the engine, no reply)."""

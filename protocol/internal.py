@@ -42,20 +42,7 @@ TOKENS = "tokens"
 # the clients file with {"op": "clients", "clients": {client_id: fingerprint}} (see
 # actors/revocation.py); `reload` (pushed by the supervisor on SIGHUP) reads the file again.
 AUTH_OPS = ("authenticate", "authenticate_key", "watch_clients", "reload")
-# `admit` and `release`: the per-client budget counters (actors/budgets.py), asked by the front
-# actors before an infer is forwarded (rate_limited, or counted) and told at its end (pushed; or
-# `all` of a front actor's, when it starts).
-SESSIONS_OPS = (
-    "create",
-    "check",
-    "remove",
-    "list",
-    "append",
-    "snapshot",
-    "counts",
-    "admit",
-    "release",
-)
+SESSIONS_OPS = ("create", "check", "remove", "list", "append", "snapshot", "counts")
 # `reload`: take the sessions' histories again (a hot swap's new engine, once the old one is gone).
 ENGINE_OPS = ("open", "close", "infer", "abort", "info", "stats", "reload")
 # Pushed to the supervisor: {"op": "ready", "actor": name} or {"op": "fatal", "actor", "message"}.

@@ -23,50 +23,41 @@ KEY = "k" * 40
 
 def test_max_queued_refuses_the_next_infer_until_one_ends() -> None:
     book, budgets = BudgetBook(), Budgets(max_queued=2)
-    book.admit("alice", budgets, ("gateway", 1), 0.0)
-    book.admit("alice", budgets, ("http", 1), 0.0)  # both front actors count for one client
+    book.admit("alice", budgets, 1, 0.0)
+    book.admit("alice", budgets, 11, 0.0)
     with pytest.raises(RateLimited, match=r"max_queued \(2\)") as refused:
-        book.admit("alice", budgets, ("gateway", 2), 0.0)
+        book.admit("alice", budgets, 2, 0.0)
     assert refused.value.retry_after_s > 0
-    book.admit("bob", budgets, ("gateway", 3), 0.0)  # another client has its own count
-    book.release("alice", ("http", 1), 5, 1.0)
-    book.admit("alice", budgets, ("gateway", 4), 1.0)
+    book.admit("bob", budgets, 3, 0.0)  # another client has its own count
+    book.release("alice", 11, 5, 1.0)
+    book.admit("alice", budgets, 4, 1.0)
     assert book.in_flight("alice") == 2
 
 
 def test_tokens_per_minute_is_a_sliding_window_with_an_exact_retry_after() -> None:
     book, budgets = BudgetBook(), Budgets(max_queued=0, tokens_per_minute=100)
     for t, tokens in ((0.0, 30), (10.0, 50), (20.0, 40)):
-        book.admit("alice", budgets, ("gateway", int(t)), t)
-        book.release("alice", ("gateway", int(t)), tokens, t)
+        book.admit("alice", budgets, int(t), t)
+        book.release("alice", int(t), tokens, t)
     # 120 in the window: under 100 once the 30 of t=0 leave it, at t=60.
     with pytest.raises(RateLimited, match=r"tokens_per_minute \(100\)") as refused:
-        book.admit("alice", budgets, ("gateway", 99), 25.0)
+        book.admit("alice", budgets, 99, 25.0)
     assert refused.value.retry_after_s == pytest.approx(WINDOW_S - 25.0)
     with pytest.raises(RateLimited):
-        book.admit("alice", budgets, ("gateway", 99), WINDOW_S - 0.001)
-    book.admit("alice", budgets, ("gateway", 99), WINDOW_S)  # 90 left in the window
+        book.admit("alice", budgets, 99, WINDOW_S - 0.001)
+    book.admit("alice", budgets, 99, WINDOW_S)  # 90 left in the window
 
 
 def test_a_refusal_counts_nothing_and_the_book_forgets_idle_clients() -> None:
     book, budgets = BudgetBook(), Budgets(max_queued=1, tokens_per_minute=10)
-    book.admit("alice", budgets, ("gateway", 1), 0.0)
+    book.admit("alice", budgets, 1, 0.0)
     with pytest.raises(RateLimited):
-        book.admit("alice", budgets, ("gateway", 2), 0.0)
+        book.admit("alice", budgets, 2, 0.0)
     assert book.in_flight("alice") == 1
-    book.release("alice", ("gateway", 1), 0, 0.0)
+    book.release("alice", 1, 0, 0.0)
     assert "alice" not in book.clients
-    book.release("nobody", ("gateway", 7), 3, 0.0)  # admitted before a restart: ignored
+    book.release("nobody", 7, 3, 0.0)  # never admitted: ignored
     assert "nobody" not in book.clients
-
-
-def test_a_front_actor_that_restarts_releases_what_it_had_admitted() -> None:
-    book, budgets = BudgetBook(), Budgets(max_queued=2)
-    book.admit("alice", budgets, ("gateway", 1), 0.0)
-    book.admit("alice", budgets, ("http", 1), 0.0)
-    book.release_front("gateway", 0.0)
-    assert book.in_flight("alice") == 1
-    book.admit("alice", budgets, ("gateway", 1), 0.0)
 
 
 def test_an_entry_overrides_the_daemon_defaults(tmp_path: Path) -> None:

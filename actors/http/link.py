@@ -118,7 +118,7 @@ class DaemonLink:
         self.generations: dict[str, Client] = {}  # running infers: session_id -> client
         self.revoked_generations: set[str] = set()  # aborted by a revocation, not yet ended
         self.sessions = ActorLink(internal.SESSIONS, config)
-        self.admissions = Admissions(self.sessions, internal.HTTP)
+        self.admissions = Admissions()
         self.prompt_bounds = PromptBounds()
         # Sessions whose infer waits for its admission, and those of them aborted meanwhile.
         self.admitting: set[str] = set()
@@ -130,7 +130,6 @@ class DaemonLink:
         self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
-        self.admissions.restarted()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for link in (self.auth, self.sessions, self.models, self.monitor):
@@ -353,7 +352,7 @@ class DaemonLink:
                     self.prompt_bounds.check(
                         engine.name, prompt, messages, client.budgets.max_prompt_tokens
                     )
-                tickets.append(await self.admissions.admit(client.client_id, client.budgets))
+                tickets.append(self.admissions.admit(client.client_id, client.budgets))
                 try:
                     engine = engine or await self.models.engine(model)
                 except BaseException:
