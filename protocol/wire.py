@@ -13,7 +13,9 @@ import msgpack
 from .errors import BadRequest, TooLarge
 
 TAG = b"ICP1"
-PROTOCOL_VERSION = 1
+# auth_success.server.protocol: 1.1 (a float) since every 1.1 addition is served (models, roles,
+# budgets, CURVE); clients check its integer part.
+PROTOCOL_VERSION = 1.1
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 # The transport refuses frames beyond this many times the limit outright (the peer is
 # disconnected by ZeroMQ); between the limit and this cap the daemon answers `too_large`.

@@ -100,7 +100,7 @@ def test_client_authenticates_and_describes_the_server(
         assert client.client_id == TEST_CLIENT_ID
         assert client.max_sessions == 8
         assert client.priority == "normal"
-        assert client.server["protocol"] == 1
+        assert client.server["protocol"] == 1.1
         assert client.server["models"] and all(isinstance(m, str) for m in client.server["models"])
         assert 0 < client.ping() < 5
     assert client.closed
@@ -559,7 +559,7 @@ def test_async_client_streams_aborts_and_interleaves(
 ) -> None:
     async def main() -> None:
         async with AsyncClient(daemon.endpoint, *creds) as client:
-            assert client.client_id == creds[0] and client.server["protocol"] == 1
+            assert client.client_id == creds[0] and client.server["protocol"] == 1.1
             assert await client.ping() > 0
             async with await client.create_session() as one, await client.create_session() as two:
                 done: dict[str, Any] = {}

@@ -50,7 +50,7 @@ def test_auth_success_describes_client_and_server(raw: RawClient, daemon: Daemon
     assert reply["op"] == "auth_success" and reply["id"] == 1
     assert (reply["client_id"], reply["max_sessions"], reply["priority"]) == ("alice", 6, "high")
     server = reply["server"]
-    assert server["name"] == "inferencecenter" and server["protocol"] == 1
+    assert server["name"] == "inferencecenter" and server["protocol"] == 1.1
     assert server["models"] and all(isinstance(m, str) for m in server["models"])
     assert isinstance(server["version"], str)
 

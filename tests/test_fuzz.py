@@ -495,7 +495,7 @@ def check_reply(frames: list[bytes]) -> dict[str, Any]:
     elif op == "pong":
         assert math.isfinite(body["time"]), body
     elif op == "auth_success":
-        assert body["server"].get("protocol") == 1, body
+        assert body["server"].get("protocol") == 1.1, body
     elif op == "session_list":
         for session in body["sessions"]:
             assert isinstance(session, dict) and set(session) >= SESSION_KEYS, body
