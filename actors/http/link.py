@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,36 @@ class InferStream:
                 return event
 
 
+class Arrivals:
+    """Generation requests between their arrival and their infer: while any is on its way, an
+    infer goes out marked `more`, so the engine starts those sent together in one step (as the
+    gateway does for requests queued behind one another) instead of one after the other."""
+
+    def __init__(self) -> None:
+        self.on_the_way = 0
+
+    @contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        arrival = Arrival(self)
+        self.on_the_way += 1
+        try:
+            yield arrival
+        finally:
+            arrival.left()
+
+
+class Arrival:
+    def __init__(self, arrivals: Arrivals) -> None:
+        self.arrivals = arrivals
+        self.counted = True
+
+    def left(self) -> None:
+        """Its infer is on its way to the engine (or it ended without one)."""
+        if self.counted:
+            self.counted = False
+            self.arrivals.on_the_way -= 1
+
+
 class DaemonLink:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -119,6 +149,7 @@ class DaemonLink:
         self.revoked_generations: set[str] = set()  # aborted by a revocation, not yet ended
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.admissions = Admissions()
+        self.arrivals = Arrivals()
         self.prompt_bounds = PromptBounds()
         # Sessions whose infer waits for its admission, and those of them aborted meanwhile.
         self.admitting: set[str] = set()
@@ -366,6 +397,8 @@ class DaemonLink:
             finally:
                 self.admitting.discard(session_id)
             started.append((engine, 0))
+            if self.arrivals.on_the_way or self.admitting:
+                payload["more"] = True  # others were sent with it: the engine waits for them
             stream.ref = engine.stream("infer", on_message, **payload)
             started[0] = (engine, stream.ref)
             if session_id in self.aborted_early:
