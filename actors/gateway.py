@@ -592,6 +592,17 @@ class Gateway:
             payload["more"] = True  # others were sent with it: the engine waits for them
         ref = 0
 
+        def end_early(finish_reason: str, message: str) -> None:
+            self.reply(
+                stream.peer,
+                stream.request_id,
+                messages.END,
+                session_id=stream.session_id,
+                finish_reason=finish_reason,
+                stats=EMPTY_STATS,
+                message=message,
+            )
+
         def on_message(body: Body) -> None:
             op = body.get("op")
             if op == internal.TOKEN:
@@ -609,25 +620,9 @@ class Gateway:
             generated = body["stats"]["tokens"] if op == internal.END else 0
             self.admissions.release(state.client_id, ticket, int(generated))
             if body.get("unloaded"):  # its model was unloaded under it
-                self.reply(
-                    stream.peer,
-                    stream.request_id,
-                    messages.END,
-                    session_id=stream.session_id,
-                    finish_reason="aborted",
-                    stats=EMPTY_STATS,
-                    message=UNLOADED_MESSAGE,
-                )
+                end_early("aborted", UNLOADED_MESSAGE)
             elif body.get("lost"):  # the engine died mid-generation
-                self.reply(
-                    stream.peer,
-                    stream.request_id,
-                    messages.END,
-                    session_id=stream.session_id,
-                    finish_reason="error",
-                    stats=EMPTY_STATS,
-                    message="the engine restarted; the session goes on with its next infer",
-                )
+                end_early("error", "the engine restarted; the session goes on with its next infer")
             elif op == internal.END:
                 if state.client_id in self.penalties:
                     self.penalties[state.client_id].served()

@@ -12,6 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,6 +342,16 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextmanager
+def authenticated(endpoint: str, client_id: str, api_key: str) -> Iterator[RawClient]:
+    """A connection authenticated as `client_id` that leaves no session behind when it ends."""
+    client = RawClient(endpoint)
+    client.auth(client_id, api_key)
+    yield client
+    close_all_sessions(client)
+    client.close()
 
 
 def close_all_sessions(client: RawClient) -> None:

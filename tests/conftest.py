@@ -9,7 +9,7 @@ import pytest
 from inferencecenter.daemon.testing import (
     Daemon,
     RawClient,
-    close_all_sessions,
+    authenticated,
     start_daemon,
     stop_daemon,
 )
@@ -33,8 +33,5 @@ def raw(daemon: Daemon) -> Iterator[RawClient]:
 
 @pytest.fixture
 def authed(daemon: Daemon) -> Iterator[RawClient]:
-    client = RawClient(daemon.endpoint)
-    client.auth(daemon.client_id, daemon.api_key)
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(daemon.endpoint, daemon.client_id, daemon.api_key) as client:
+        yield client

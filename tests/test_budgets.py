@@ -21,6 +21,7 @@ import pytest
 from inferencecenter.daemon.testing import (
     Daemon,
     RawClient,
+    authenticated,
     close_all_sessions,
     new_session,
     run_infer,
@@ -74,10 +75,8 @@ def connect(daemon: Daemon, client_id: str) -> RawClient:
 
 @pytest.fixture
 def alice(daemon: Daemon) -> Iterator[RawClient]:
-    client = connect(daemon, "alice")
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(daemon.endpoint, "alice", daemon.api_key) as client:
+        yield client
 
 
 def timed_stream(client: RawClient, session_id: str, request_id: str, tokens: int) -> float:

@@ -20,7 +20,7 @@ from inferencecenter.daemon.testing import (
     Daemon,
     RawClient,
     actor_process,
-    close_all_sessions,
+    authenticated,
     new_session,
     run_infer,
     start_daemon,
@@ -46,11 +46,8 @@ def model(http_daemon: Daemon) -> str:
 
 @pytest.fixture
 def raw(http_daemon: Daemon) -> Iterator[RawClient]:
-    client = RawClient(http_daemon.endpoint)
-    client.auth(http_daemon.client_id, http_daemon.api_key)
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(http_daemon.endpoint, http_daemon.client_id, http_daemon.api_key) as client:
+        yield client
 
 
 def openai_client(daemon: Daemon, key: str | None = None) -> openai.OpenAI:

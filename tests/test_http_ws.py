@@ -16,7 +16,7 @@ from websockets.sync.client import ClientConnection, connect
 from inferencecenter.daemon.testing import (
     Daemon,
     RawClient,
-    close_all_sessions,
+    authenticated,
     free_port,
     new_session,
     run_infer,
@@ -40,11 +40,8 @@ def http_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture
 def raw(http_daemon: Daemon) -> Iterator[RawClient]:
-    client = RawClient(http_daemon.endpoint)
-    client.auth(http_daemon.client_id, http_daemon.api_key)
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(http_daemon.endpoint, http_daemon.client_id, http_daemon.api_key) as client:
+        yield client
 
 
 @pytest.fixture

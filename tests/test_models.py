@@ -29,7 +29,7 @@ from inferencecenter.daemon.testing import (
     TEST_CLIENTS,
     Daemon,
     RawClient,
-    close_all_sessions,
+    authenticated,
     new_session,
     run_infer,
     start_daemon,
@@ -74,18 +74,14 @@ def connect(daemon: Daemon, entry: ClientEntry) -> RawClient:
 
 @pytest.fixture
 def admin(daemon: Daemon) -> Iterator[RawClient]:
-    client = connect(daemon, ADMIN)
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(daemon.endpoint, ADMIN.client_id, ADMIN.api_key) as client:
+        yield client
 
 
 @pytest.fixture
 def alice(daemon: Daemon) -> Iterator[RawClient]:
-    client = connect(daemon, TEST_CLIENTS[0])
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(daemon.endpoint, "alice", TEST_CLIENTS[0].api_key) as client:
+        yield client
 
 
 def models(client: RawClient) -> dict[str, dict[str, Any]]:

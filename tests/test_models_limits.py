@@ -15,7 +15,7 @@ from inferencecenter.daemon.testing import (
     TEST_CLIENTS,
     Daemon,
     RawClient,
-    close_all_sessions,
+    authenticated,
     new_session,
     run_infer,
     start_daemon,
@@ -39,11 +39,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture
 def alice(daemon: Daemon) -> Iterator[RawClient]:
-    client = RawClient(daemon.endpoint)
-    client.auth("alice", TEST_CLIENTS[0].api_key)
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(daemon.endpoint, "alice", TEST_CLIENTS[0].api_key) as client:
+        yield client
 
 
 def model_events(events: MetricsSubscriber, until: tuple[str, str]) -> list[tuple[str, str]]:

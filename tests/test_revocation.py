@@ -22,6 +22,7 @@ from inferencecenter.daemon.testing import (
     Daemon,
     RawClient,
     actor_process,
+    authenticated,
     close_all_sessions,
     new_session,
     start_daemon,
@@ -44,11 +45,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture
 def alice(daemon: Daemon) -> Iterator[RawClient]:
-    client = RawClient(daemon.endpoint)
-    client.auth(daemon.client_id, daemon.api_key)
-    yield client
-    close_all_sessions(client)
-    client.close()
+    with authenticated(daemon.endpoint, daemon.client_id, daemon.api_key) as client:
+        yield client
 
 
 def add(daemon: Daemon, client_id: str) -> str:

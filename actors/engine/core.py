@@ -170,34 +170,12 @@ class EngineCore:
                 result[session_id] = {"state": state, "tokens": len(session.tokens)}
         return result
 
-    def infer(
-        self,
-        job_id: int,
-        session_id: str,
-        params: SamplingParams,
-        *,
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | None = None,
-        reset: bool = False,
-        priority: str = "normal",
-        client_id: str = "",
-        max_prompt_tokens: int = 0,
-    ) -> Job:
-        """Queue an infer, its input tokenized here (the shell tokenizes long ones off the loop:
-        `accept`, `tokenize`, `arrived`). A prompt that does not fit in what is left of the
-        context ends at once (`context`, the session unchanged); errors raise and change
-        nothing."""
-        arrival = self.accept(
-            job_id,
-            session_id,
-            params,
-            prompt=prompt,
-            messages=messages,
-            reset=reset,
-            priority=priority,
-            client_id=client_id,
-            max_prompt_tokens=max_prompt_tokens,
-        )
+    def infer(self, job_id: int, session_id: str, params: SamplingParams, **request: Any) -> Job:
+        """Queue an infer (`request`: `accept`'s keywords), its input tokenized here (the shell
+        tokenizes long ones off the loop: `accept`, `tokenize`, `arrived`). A prompt that does
+        not fit in what is left of the context ends at once (`context`, the session unchanged);
+        errors raise and change nothing."""
+        arrival = self.accept(job_id, session_id, params, **request)
         try:
             tokens, prefix = self.tokenize(arrival)
         except BaseException:

@@ -106,7 +106,7 @@ class InferStream:
                 return event
 
 
-class Arrivals:
+class RequestsUnderway:
     """Generation requests between their arrival and their infer: while any is on its way, an
     infer goes out marked `more`, so the engine starts those sent together in one step (as the
     gateway does for requests queued behind one another) instead of one after the other."""
@@ -115,25 +115,27 @@ class Arrivals:
         self.on_the_way = 0
 
     @contextmanager
-    def arriving(self) -> Iterator[Arrival]:
-        arrival = Arrival(self)
+    def arriving(self) -> Iterator[Underway]:
+        request = Underway(self)
         self.on_the_way += 1
         try:
-            yield arrival
+            yield request
         finally:
-            arrival.left()
+            request.left()
 
 
-class Arrival:
-    def __init__(self, arrivals: Arrivals) -> None:
-        self.arrivals = arrivals
+class Underway:
+    """One generation request on its way to its infer."""
+
+    def __init__(self, requests: RequestsUnderway) -> None:
+        self.requests = requests
         self.counted = True
 
     def left(self) -> None:
         """Its infer is on its way to the engine (or it ended without one)."""
         if self.counted:
             self.counted = False
-            self.arrivals.on_the_way -= 1
+            self.requests.on_the_way -= 1
 
 
 class DaemonLink:
@@ -149,7 +151,7 @@ class DaemonLink:
         self.revoked_generations: set[str] = set()  # aborted by a revocation, not yet ended
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.admissions = Admissions()
-        self.arrivals = Arrivals()
+        self.underway = RequestsUnderway()
         self.prompt_bounds = PromptBounds()
         # Sessions whose infer waits for its admission, and those of them aborted meanwhile.
         self.admitting: set[str] = set()
@@ -397,7 +399,7 @@ class DaemonLink:
             finally:
                 self.admitting.discard(session_id)
             started.append((engine, 0))
-            if self.arrivals.on_the_way or self.admitting:
+            if self.underway.on_the_way or self.admitting:
                 payload["more"] = True  # others were sent with it: the engine waits for them
             stream.ref = engine.stream("infer", on_message, **payload)
             started[0] = (engine, stream.ref)

@@ -35,7 +35,7 @@ from ..config import Config
 from ..logs import EventLog
 from . import responses as rs
 from . import seed, shapes
-from .link import Arrival, Client, DaemonLink, End, InferStream, Token
+from .link import Client, DaemonLink, End, InferStream, Token, Underway
 from .shapes import Body, FieldError, Generation, ReplyIds, Unavailable
 
 log = EventLog("http")
@@ -265,23 +265,23 @@ class Routes:
     # ---- completions --------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        with self.link.arrivals.arriving() as arrival:
+        with self.link.underway.arriving() as underway:
             client = await self.authorized(request)
             generation = shapes.parse_completion(await self.read_json(request))
-            return await self.generate(request, client, generation, arrival, chat=False)
+            return await self.generate(request, client, generation, underway, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        with self.link.arrivals.arriving() as arrival:
+        with self.link.underway.arriving() as underway:
             client = await self.authorized(request)
             generation = shapes.parse_chat(await self.read_json(request))
-            return await self.generate(request, client, generation, arrival, chat=True)
+            return await self.generate(request, client, generation, underway, chat=True)
 
     async def generate(
         self,
         request: Request,
         client: Client,
         generation: Generation,
-        arrival: Arrival,
+        underway: Underway,
         *,
         chat: bool,
     ) -> Response:
@@ -294,7 +294,7 @@ class Routes:
             )
             stream = self.start_infer(
                 stack,
-                arrival,
+                underway,
                 client,
                 session_id,
                 generation.infer_params(ctx_size),
@@ -330,7 +330,7 @@ class Routes:
     def start_infer(
         self,
         stack: AsyncExitStack,
-        arrival: Arrival,
+        underway: Underway,
         client: Client,
         session_id: str,
         params: Body,
@@ -339,7 +339,7 @@ class Routes:
         messages: list[dict[str, str]] | None = None,
     ) -> InferStream:
         """An infer that is aborted if the request ends before it does."""
-        arrival.left()
+        underway.left()
         stream = self.link.infer(client, session_id, params, prompt=prompt, messages=messages)
 
         def abort_unless_ended() -> None:
@@ -352,10 +352,10 @@ class Routes:
     # ---- responses ----------------------------------------------------------------------
 
     async def responses(self, request: Request) -> Response:
-        with self.link.arrivals.arriving() as arrival:
-            return await self.respond(request, arrival)
+        with self.link.underway.arriving() as underway:
+            return await self.respond(request, underway)
 
-    async def respond(self, request: Request, arrival: Arrival) -> Response:
+    async def respond(self, request: Request, underway: Underway) -> Response:
         client = await self.authorized(request)
         ask = rs.parse_request(await self.read_json(request))
         model = self.model_of(ask.model)
@@ -364,7 +364,7 @@ class Routes:
             reply = rs.Reply(conversation.response_id, model, ask)
             stream = self.start_infer(
                 stack,
-                arrival,
+                underway,
                 client,
                 conversation.session_id,
                 ask.infer_params(conversation.ctx_size),
