@@ -5,10 +5,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 LLAMA_CPP_PYTHON := $(shell sed -n 's/^ *llama-cpp-python==\([0-9.]*\).*/\1/p' setup.cfg)
+# llama.cpp's AMX kernels, compiled in by -march=native on a CPU with AMX, crash on batched
+# decodes (llama.cpp issue 20824): llama-cpp-python and llama-server are built without them. (The
+# engine also keeps a llama.cpp built with them, a wheel pip had cached, off those kernels.)
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
+endif
+export CMAKE_ARGS := $(NO_AMX)
 # CUDA=1 builds llama-cpp-python from source with CUDA, once per pinned version (the stamp);
 # `rm $(VENV)/.cuda-*` builds it again.
 ifeq ($(CUDA),1)
-export CMAKE_ARGS := -DGGML_CUDA=on
+export CMAKE_ARGS := $(NO_AMX) -DGGML_CUDA=on
 export FORCE_CMAKE := 1
 CUDA_STAMP := $(VENV)/.cuda-llama-cpp-python-$(LLAMA_CPP_PYTHON)
 endif
@@ -84,7 +91,7 @@ $(LLAMA_SERVER): | $(STAMP)
 	cmake -S $(LLAMA_SERVER_SRC) -B $(LLAMA_SERVER_DIR) -DCMAKE_BUILD_TYPE=Release \
 		-DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
 		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
-		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF $(NO_AMX)
 	cmake --build $(LLAMA_SERVER_DIR) --target llama-server -j$$(nproc)
 	$(LLAMA_SERVER) --version
 

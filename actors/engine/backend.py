@@ -86,6 +86,16 @@ def _init_process() -> None:
     _backend_ready = True
 
 
+def amx_kernels_built() -> bool:
+    """Whether this llama.cpp has its AMX matrix kernels (a -march=native build on a CPU with
+    AMX). They crash in the first decode of two rows or more of a K-quant model (llama.cpp
+    issue 20824, open; seen here on a Xeon with AMX: llama-server too), so weights are then kept
+    out of every extra buffer type (AMX's and the repacked one's). The Makefile builds
+    llama.cpp without them."""
+    _init_process()
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 def _usable_cpus() -> int:
     # os.cpu_count() counts the machine; a container or taskset may give this process fewer,
     # and more llama.cpp threads than cores makes decoding much slower.
@@ -152,6 +162,7 @@ class LlamaBackend:
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        model_params.use_extra_bufts = not amx_kernels_built()
         self._model = llama_cpp.llama_model_load_from_file(self.model_path.encode(), model_params)
         if not self._model:
             self._model = None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..logs import EventLog
-from .backend import BatchEntry, LlamaBackend
+from .backend import BatchEntry, LlamaBackend, amx_kernels_built
 from .scheduling import RowPadding, padded_rows
 
 log = EventLog("engine")
@@ -41,6 +41,12 @@ def load_backend(config: Config) -> LlamaBackend:
             else:
                 log.info("gpu layers planned", **plan.mib_fields())
                 gpu_layers = plan.gpu_layers
+    if amx_kernels_built():
+        log.warning(
+            "llama.cpp was built with AMX kernels, which crash on batched decodes: weights are "
+            "not repacked (a few per cent slower); `make install` builds it without them",
+            issue="https://github.com/ggml-org/llama.cpp/issues/20824",
+        )
     return LlamaBackend(
         config.model,
         n_seq_max=config.parallel,
