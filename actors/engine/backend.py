@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# llama.cpp's OpenMP workers spin for a while after each decode by default, holding the cores
+# that the step's sampling (worker.RowSampling), the engine's loop and the other actors could use
+# then. Read once, when llama_cpp loads its OpenMP runtime: so here, before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import llama_cpp
 import numpy as np
 
@@ -644,6 +649,11 @@ class Sampler:
         llama_cpp.llama_sampler_chain_add(
             chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
         )
+
+    @property
+    def shares_nothing(self) -> bool:
+        """A plain chain samples into a buffer of its own; a grammar uses the backend's."""
+        return self._chain is not None
 
     def sample(self, batch_index: int) -> int:
         """Sample (and accept) a token from batch position `batch_index` of the last decode."""
