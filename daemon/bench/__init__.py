@@ -43,7 +43,7 @@ from ...actors.config import default_model_path
 from .chat import measure_chat
 from .daemonstreams import DaemonUnderTest, run_daemon
 from .httpchat import measure_http_chat
-from .inprocess import measure_speculation, run_inprocess, run_row_sweep
+from .inprocess import measure_row_sampling, measure_speculation, run_inprocess, run_row_sweep
 from .llamaserver import run_llama_server
 from .measurement import KINDS, LABELS, Measurement
 from .report import (
@@ -53,6 +53,7 @@ from .report import (
     print_http_chat,
     print_prefix,
     print_rows,
+    print_sampling,
     print_sessions,
     print_speculation,
     print_stall,
@@ -125,6 +126,7 @@ def bench(args: argparse.Namespace) -> int:
         else None
     )
     rows = run_row_sweep(model, threads) if args.rows else None
+    sampling = measure_row_sampling(model, threads) if args.sampling else None
     speculated = [int(x) for x in args.speculation.split(",") if x.strip()]
     speculation = (
         measure_speculation(model, speculated, args.tokens, threads, args.ctx_size, args.runs)
@@ -146,6 +148,8 @@ def bench(args: argparse.Namespace) -> int:
         print_http_chat(http_chat)
     if rows:
         print_rows(rows)
+    if sampling:
+        print_sampling(sampling)
     if speculation:
         print_speculation(speculation)
     report = {
@@ -163,6 +167,7 @@ def bench(args: argparse.Namespace) -> int:
         "chat": chat,
         "http_chat": http_chat,
         "decode_step_ms_by_rows": rows,
+        "row_sampling": sampling,
         "speculation": speculation,
         "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
     }
@@ -207,6 +212,11 @@ def add_bench_command(commands: Any) -> None:
             "JSON-schema stream costs the others",
         ),
         ("--rows", False, "time a decode-only step of 1..16 rows in-process (does padding pay?)"),
+        (
+            "--sampling",
+            False,
+            "time sampling 8 rows after each decode in-process, alone and on helper threads",
+        ),
         ("--plot", True, "write a PNG next to --output (needs matplotlib)"),
     ):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)

@@ -77,6 +77,48 @@ def run_row_sweep(model: str, threads: int, most: int = 16, reps: int = 8) -> di
         backend.close()
 
 
+def measure_row_sampling(
+    model: str, threads: int, rows: int = 8, steps: int = 60
+) -> dict[str, Any]:
+    """Steps of `rows` generating rows in-process, their sampling on the decode thread alone and
+    spread over helper threads (worker.RowSampling, as the engine does), in alternate steps:
+    the medians of each, in ms."""
+    import statistics
+
+    from ...actors.engine.backend import BatchEntry, LlamaBackend
+    from ...actors.engine.worker import RowSampling
+
+    backend = LlamaBackend(model, n_seq_max=rows, n_ctx_seq=1024, n_batch=512, n_threads=threads)
+    spread = RowSampling.for_this_machine()
+    ways = {"decode thread alone": RowSampling(0), f"{spread.helpers} helper threads": spread}
+    prompts, samplers = open_streams(backend, rows)
+    try:
+        tokens = prefill(backend, prompts, samplers)
+        positions = [len(p) for p in prompts]
+        times: dict[str, dict[str, list[float]]] = {w: {"step": [], "sampling": []} for w in ways}
+        for step in range(steps):
+            way = list(ways)[step % 2]
+            started = time.perf_counter()
+            backend.decode([BatchEntry(t, positions[s], s, True) for s, t in enumerate(tokens)])
+            decoded = time.perf_counter()
+            tokens = ways[way].sample([(sampler, s) for s, sampler in enumerate(samplers)])
+            ended = time.perf_counter()
+            positions = [p + 1 for p in positions]
+            times[way]["step"].append((ended - started) * 1000)
+            times[way]["sampling"].append((ended - decoded) * 1000)
+        return {
+            "rows": rows,
+            **{
+                way: {f"{part}_ms": statistics.median(ms) for part, ms in parts.items()}
+                for way, parts in times.items()
+            },
+        }
+    finally:
+        for sampler in samplers:
+            sampler.free()
+        backend.close()
+
+
 class NgramDrafts:
     """Prompt-lookup drafts for one sequence: the token that followed the latest earlier
     occurrence of its last 3 (else 2, else 1) tokens, from an index kept up to date per token."""
