@@ -293,6 +293,11 @@ class LlamaBackend:
         if code != 0:
             raise DecodeError(code)
         self._outputs = entries
+        first_output = next((i for i, entry in enumerate(entries) if entry.logits), None)
+        if first_output is not None:
+            # llama.cpp puts a decode's outputs in order on their first read, and later reads
+            # only read: done here, rows may then be sampled on several threads at once.
+            llama_cpp.llama_get_logits_ith(self._ctx, first_output)
 
     def has_logits(self, batch_index: int) -> bool:
         """Whether the last decode kept logits for this batch position."""

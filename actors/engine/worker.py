@@ -189,10 +189,10 @@ class RowSampling:
     """A step's rows sampled on the decode thread and on helper threads at once. Sampling a row
     is a pass over the vocabulary's logits in C without the GIL: with gemma's 262,144 tokens about
     1 ms a row on CPU, a tenth of an 8-row step, while the other cores wait (llama.cpp's OpenMP
-    workers sleep once a decode is done: OMP_WAIT_POLICY, backend.py). The first row is sampled
-    alone: llama.cpp's first read of a decode's outputs puts them in order, later reads only
-    read. A row whose sampler shares state (a grammar uses the backend's one candidates array)
-    stays on the decode thread. Which thread samples a row changes nothing in what it draws."""
+    workers sleep once a decode is done: OMP_WAIT_POLICY, backend.py). Sampling only reads the
+    context once the backend's decode has read its outputs first. A row whose sampler shares
+    state (a grammar uses the backend's one candidates array) stays on the decode thread. Which
+    thread samples a row changes nothing in what it draws."""
 
     def __init__(self, helpers: int) -> None:
         self.helpers = max(0, helpers)
@@ -207,13 +207,12 @@ class RowSampling:
         """Each row's token, in the rows' order."""
         if self._pool is None or len(rows) < 2:
             return [sampler.sample(index) for sampler, index in rows]
-        first, index = rows[0]
-        tokens = [first.sample(index)] + [0] * (len(rows) - 1)
-        shareable = [k for k in range(1, len(rows)) if rows[k][0].shares_nothing]
-        kept = [k for k in range(1, len(rows)) if not rows[k][0].shares_nothing]
+        tokens = [0] * len(rows)
+        shareable = [k for k in range(len(rows)) if rows[k][0].shares_nothing]
+        kept = [k for k in range(len(rows)) if not rows[k][0].shares_nothing]
         per_thread = -(-len(rows) // (self.helpers + 1))
         handed: list[list[int]] = []
-        load = len(rows)  # the decode thread's rows, the first included
+        load = len(rows)  # the decode thread's rows
         while shareable and load > per_thread and len(handed) < self.helpers:
             count = min(per_thread, load - per_thread, len(shareable))
             handed.append(shareable[-count:])
