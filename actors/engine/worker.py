@@ -189,7 +189,7 @@ class RowSampling:
     """A step's rows sampled on the decode thread and on helper threads at once. Sampling a row
     is a pass over the vocabulary's logits in C without the GIL: with gemma's 262,144 tokens about
     1 ms a row on CPU, a tenth of an 8-row step, while the other cores wait (llama.cpp's OpenMP
-    workers sleep once a decode is done: OMP_WAIT_POLICY, backend.py). Sampling only reads the
+    workers soon sleep once a decode is done: GOMP_SPINCOUNT, backend.py). Sampling only reads the
     context once the backend's decode has read its outputs first. A row whose sampler shares
     state (a grammar uses the backend's one candidates array) stays on the decode thread. Which
     thread samples a row changes nothing in what it draws."""
