@@ -185,7 +185,8 @@ def print_http_chat(result: dict[str, Any]) -> None:
             f"{row['ttft_p99_ms']:>9.0f} {row['slowest_stream_tps']:>10.1f}"
         )
     for name, value in result["ratios"].items():
-        print(f"{name}: {value:.3f}")
+        of_medians = result["ratios_of_medians"][name]
+        print(f"{name}: {value:.3f} (median of the runs' ratios; of the medians {of_medians:.3f})")
     grammar = result["grammar"]
     print(
         f"grammar: {grammar['streams']} streams; the others' rate "
