@@ -232,9 +232,8 @@ def _paired_ratio(results: dict[str, list[dict[str, Any]]], a: str, b: str) -> f
     """The median of the runs' ratios: in one run the two are measured one after the other, so
     a stretch of time when the shared machine is slower slows both (single runs of one system
     spread over 92-130 tokens/s here, the ratio of medians mixes those stretches)."""
-    return statistics.median(
-        x["aggregate_tps"] / y["aggregate_tps"] for x, y in zip(results[a], results[b], strict=True)
-    )
+    runs = zip(results[a], results[b], strict=True)
+    return float(statistics.median(x["aggregate_tps"] / y["aggregate_tps"] for x, y in runs))
 
 
 def _rates(timings: list[StreamTiming]) -> list[float]:
