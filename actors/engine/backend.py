@@ -104,7 +104,7 @@ def amx_kernels_built() -> bool:
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     # os.cpu_count() counts the machine; a container or taskset may give this process fewer,
     # and more llama.cpp threads than cores makes decoding much slower.
     if hasattr(os, "sched_getaffinity"):
@@ -179,7 +179,7 @@ class LlamaBackend:
             )
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-            threads = n_threads or _usable_cpus()
+            threads = n_threads or usable_cpus()
             ctx_params = llama_cpp.llama_context_default_params()
             ctx_params.n_ctx = n_seq_max * n_ctx_seq
             ctx_params.n_batch = n_batch

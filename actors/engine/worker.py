@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .backend import BatchEntry, Logprobs
+from .backend import BatchEntry, Logprobs, usable_cpus
 
 if TYPE_CHECKING:
     from .jobs import Backend, Sampler
@@ -200,8 +200,7 @@ class RowSampling:
 
     @classmethod
     def for_this_machine(cls) -> RowSampling:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        return cls(min(usable, SAMPLING_THREADS_MAX) - 1)
+        return cls(min(usable_cpus(), SAMPLING_THREADS_MAX) - 1)
 
     def sample(self, rows: Sequence[tuple[Sampler, int]]) -> list[int]:
         """Each row's token, in the rows' order."""
@@ -212,12 +211,13 @@ class RowSampling:
         kept = [k for k in range(len(rows)) if not rows[k][0].shares_nothing]
         per_thread = -(-len(rows) // (self.helpers + 1))
         handed: list[list[int]] = []
-        load = len(rows)  # the decode thread's rows
-        while shareable and load > per_thread and len(handed) < self.helpers:
-            count = min(per_thread, load - per_thread, len(shareable))
+        # Helpers take parts of the shareable rows while the decode thread has more than its own.
+        while shareable and len(handed) < self.helpers:
+            count = min(per_thread, len(kept) + len(shareable) - per_thread, len(shareable))
+            if count <= 0:
+                break
             handed.append(shareable[-count:])
             del shareable[-count:]
-            load -= count
         kept += shareable
 
         def sample_rows(part: list[int]) -> list[int]:
