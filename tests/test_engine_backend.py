@@ -16,6 +16,7 @@ from inferencecenter.actors.engine.backend import (
     DecodeError,
     LlamaBackend,
     ModelLoadError,
+    likeliest,
 )
 from inferencecenter.actors.engine.chat import ChatRenderer
 from inferencecenter.protocol.messages import SamplingParams
@@ -229,6 +230,55 @@ def test_same_seed_same_tokens(backend: LlamaBackend) -> None:
         sampler.free()
         runs.append(out)
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temp=0.8, seed=7),  # the defaults: top-k 40, top-p 0.95, min-p 0.05
+        SamplingParams(temp=1.5, top_k=5, top_p=1.0, min_p=0.0, seed=8, ignore_eos=True),
+        SamplingParams(temp=1.2, top_k=900, top_p=0.99, min_p=0.0, seed=9),
+        SamplingParams(temp=1.0, top_k=40, presence_penalty=-2.0, frequency_penalty=-1.0, seed=3),
+        SamplingParams(temp=0.9, top_k=20, repeat_penalty=1.3, seed=4),
+        SamplingParams(temp=0.0, repeat_penalty=0.5),  # raises what it repeats
+    ],
+    ids=["defaults", "top-k-5", "top-k-900", "negative-penalties", "repeat-penalty", "greedy"],
+)
+def test_drawing_among_the_likeliest_draws_what_the_whole_vocabulary_would(
+    backend: LlamaBackend, params: SamplingParams
+) -> None:
+    # Two samplers of one seed draw 300 times from one row: one searches the most likely
+    # tokens, the other (its reach cleared) hands llama.cpp the whole vocabulary. The penalties
+    # see their draws, so a draw they push up or down changes the next ones.
+    tokens = prompt_tokens(backend, "Name a colour.")
+    index = prefill(backend, {0: tokens})[0]
+    few, whole = backend.new_sampler(params, tokens), backend.new_sampler(params, tokens)
+    try:
+        assert few._reach > 0
+        whole._reach = 0
+        draws = [(few.sample(index), whole.sample(index)) for _ in range(300)]
+    finally:
+        few.free()
+        whole.free()
+    assert [a for a, _ in draws] == [b for _, b in draws]
+    if params.temp > 0 and params.presence_penalty >= 0:  # (the others repeat one token)
+        assert len({a for a, _ in draws}) > 1
+
+
+def test_likeliest_holds_the_most_likely_tokens() -> None:
+    rng = np.random.default_rng(5)
+    for size, count in ((262_144, 40), (151_936, 109), (32_000, 1), (1000, 3)):
+        logits = rng.standard_normal(size).astype(np.float32) * 3
+        logits[rng.integers(size, size=count)] = 12.0  # ties, and some at the far end
+        ids = likeliest(logits, count)
+        assert len(ids) == len(set(ids.tolist())) >= count
+        best = set(np.argsort(-logits, kind="stable")[:count].tolist())
+        kept = set(ids.tolist())
+        floor = float(np.sort(logits)[-count])
+        assert {i for i in best if logits[i] > floor} <= kept
+        assert len(ids) < size // 4
+    logits[3] = np.nan
+    assert len(likeliest(logits, 3)) < 3
 
 
 def test_ignore_eos_keeps_end_of_generation_tokens_out(backend: LlamaBackend) -> None:
