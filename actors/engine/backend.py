@@ -719,9 +719,10 @@ class Sampler:
         if self._chain is None:
             token = self._sample_constrained(batch_index)
         else:
-            token = self._sample_likeliest(batch_index)
-            if token is None:
-                token = int(llama_cpp.llama_sampler_sample(self._chain, backend._ctx, batch_index))
+            likely = self._sample_likeliest(batch_index)
+            if likely is None:
+                likely = int(llama_cpp.llama_sampler_sample(self._chain, backend._ctx, batch_index))
+            token = likely
         if self._penalised is not None:
             self._penalised.append(token)
         return token
