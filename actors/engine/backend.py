@@ -718,11 +718,10 @@ class Sampler:
             raise ValueError(f"batch position {batch_index} has no logits from the last decode")
         if self._chain is None:
             token = self._sample_constrained(batch_index)
-        else:
-            likely = self._sample_likeliest(batch_index)
-            if likely is None:
-                likely = int(llama_cpp.llama_sampler_sample(self._chain, backend._ctx, batch_index))
+        elif (likely := self._sample_likeliest(batch_index)) is not None:
             token = likely
+        else:
+            token = int(llama_cpp.llama_sampler_sample(self._chain, backend._ctx, batch_index))
         if self._penalised is not None:
             self._penalised.append(token)
         return token
