@@ -25,8 +25,6 @@ def next_word(history: Sequence[int]) -> int:
 
 
 class FakeSampler:
-    shares_nothing = True  # it only reads the backend
-
     def __init__(self, backend: FakeBackend, params: SamplingParams | None = None) -> None:
         self.backend = backend
         self.params = params or SamplingParams()

@@ -255,7 +255,7 @@ def test_drawing_among_the_likeliest_draws_what_the_whole_vocabulary_would(
     few, whole = backend.new_sampler(params, tokens), backend.new_sampler(params, tokens)
     try:
         assert few._reach > 0
-        whole._reach = 0
+        whole.search_all()
         draws = [(few.sample(index), whole.sample(index)) for _ in range(300)]
     finally:
         few.free()

@@ -8,7 +8,6 @@ its events, and what was decoded into which sequence.
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from inferencecenter.actors.engine.core import EngineCore
 from inferencecenter.actors.engine.jobs import EndOut, HistoryAppend, Job, TokenOut
 from inferencecenter.actors.engine.scheduling import RowPadding
 from inferencecenter.actors.engine.worker import (
-    RowSampling,
     Step,
     StepResult,
     execute_step,
@@ -63,7 +61,6 @@ def open_session(core: EngineCore, name: str, system_prompt: str | None = None) 
 
 
 JOB_IDS = iter(range(1, 10**6))
-SAMPLING = RowSampling(helpers=1)  # rows sampled on two threads, as on a 2-core machine
 
 
 def infer(core: EngineCore, session: str, prompt: str = "hello there", **fields: Any) -> Job:
@@ -73,7 +70,7 @@ def infer(core: EngineCore, session: str, prompt: str = "hello there", **fields:
 
 def decode(backend: FakeBackend, step: Step, *, continued: bool = False) -> StepResult:
     """The step as the decode thread runs it."""
-    result = run_step(functools.partial(execute_step, backend, SAMPLING), step)
+    result = run_step(functools.partial(execute_step, backend), step)
     result.continued = continued
     return result
 
@@ -533,44 +530,3 @@ def test_close_if_idle_keeps_a_generating_session() -> None:
     assert core.close(s, if_idle=True) is False and s in core.sessions
     assert core.close(s) is True and s not in core.sessions
     assert ends(core.take_events())[job.job_id].finish_reason == "aborted"
-
-
-class ThreadRecordingSampler:
-    """A fake sampler (no I/O) that draws its row's number and records the thread it ran on."""
-
-    def __init__(self, row: int, shares_nothing: bool = True) -> None:
-        self.row = row
-        self.shares_nothing = shares_nothing
-        self.thread = ""
-
-    def sample(self, batch_index: int) -> int:
-        self.thread = threading.current_thread().name
-        return 1000 + batch_index
-
-    def logprobs(self, batch_index: int, token: int) -> None:
-        return None
-
-    def free(self) -> None:
-        pass
-
-
-def test_rows_are_sampled_on_helper_threads_in_order_and_grammar_rows_stay() -> None:
-    sampling = RowSampling(helpers=1)
-    samplers = [ThreadRecordingSampler(i, shares_nothing=i not in (2, 5)) for i in range(8)]
-    rows = [(s, i) for i, s in enumerate(samplers)]
-    assert sampling.sample(rows) == [1000 + i for i in range(8)]
-    here = threading.current_thread().name
-    helped = [s.row for s in samplers if s.thread != here]
-    assert samplers[2].thread == here and samplers[5].thread == here  # they share state
-    assert len(helped) == 4 and all(samplers[row].shares_nothing for row in helped)
-    # One row, or no helper: all on the calling thread.
-    lone = ThreadRecordingSampler(0)
-    assert sampling.sample([(lone, 3)]) == [1003] and lone.thread == here
-    alone = [ThreadRecordingSampler(i) for i in range(4)]
-    assert RowSampling(helpers=0).sample([(s, i) for i, s in enumerate(alone)]) == [
-        1000,
-        1001,
-        1002,
-        1003,
-    ]
-    assert {s.thread for s in alone} == {here}

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 # llama.cpp's OpenMP workers (GCC's libgomp) spin up to 300,000 rounds after each decode before
-# they sleep: through the sampling of the step's rows, on the cores its helper threads would use
-# (worker.RowSampling), which then gained nothing. 10,000 rounds still cover the waits at the
-# barriers inside a decode (one row: 23.1 vs 24.0 ms a token, within noise); a passive policy
-# slept at each of them (27-28 ms). libgomp reads it as llama_cpp loads it: so before the import.
+# they sleep: through the sampling of the step's rows and the sending of its tokens, on the cores
+# the daemon's other processes (the HTTP actor, the gateway) then need. 10,000 rounds still cover
+# the waits at the barriers inside a decode (one row: 23.1 vs 24.0 ms a token, within noise); a
+# passive policy slept at each of them (27-28 ms). libgomp reads it as llama_cpp loads it: so
+# before the import.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
@@ -703,10 +704,9 @@ class Sampler:
             chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
         )
 
-    @property
-    def shares_nothing(self) -> bool:
-        """A plain chain samples into a buffer of its own; a grammar uses the backend's."""
-        return self._chain is not None
+    def search_all(self) -> None:
+        """From now on hand llama.cpp every token, never only the likeliest (to compare)."""
+        self._reach = 0
 
     def sample(self, batch_index: int) -> int:
         """Sample (and accept) a token from batch position `batch_index` of the last decode."""

@@ -21,11 +21,6 @@ def token_array() -> array[int]:
 class Sampler(Protocol):
     """One generation's sampler chain (C, in the real backend)."""
 
-    @property
-    def shares_nothing(self) -> bool:
-        """Sampling it touches nothing but its own state and the logits, so another row may be
-        sampled on another thread meanwhile."""
-
     def sample(self, batch_index: int) -> int: ...
 
     def logprobs(self, batch_index: int, token: int) -> Logprobs | None: ...

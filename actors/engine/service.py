@@ -30,7 +30,7 @@ from .jobs import (
 from .planner import PadRows
 from .startup import choose_padding, load_backend
 from .tokenizer import TokenizerThread
-from .worker import DecodeThread, RowSampling, StepResult, execute_step
+from .worker import DecodeThread, StepResult, execute_step
 
 log = EventLog("engine")
 
@@ -63,7 +63,7 @@ class EngineActor:
         self.config = config
         self.sessions_link = sessions_link
         self.monitor = monitor
-        run = functools.partial(execute_step, backend, RowSampling.for_this_machine())
+        run = functools.partial(execute_step, backend)
         self.decoder = DecodeThread(run, backend.is_eog)
         self.wakeup = trio.Event()
         self.core = EngineCore(config, backend, pad_rows, on_change=self.kick)

@@ -21,14 +21,13 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
-from .backend import BatchEntry, Logprobs, usable_cpus
+from .backend import BatchEntry, Logprobs
 
 if TYPE_CHECKING:
     from .jobs import Backend, Sampler
@@ -182,61 +181,8 @@ class DecodeThread:
         return step.following(result.tokens)
 
 
-SAMPLING_THREADS_MAX = 4
-
-
-class RowSampling:
-    """A step's rows sampled on the decode thread and on helper threads at once. Sampling a row
-    is a pass over the vocabulary's logits in C without the GIL: with gemma's 262,144 tokens about
-    1 ms a row on CPU, a tenth of an 8-row step, while the other cores wait (llama.cpp's OpenMP
-    workers soon sleep once a decode is done: GOMP_SPINCOUNT, backend.py). Sampling only reads the
-    context once the backend's decode has read its outputs first. A row whose sampler shares
-    state (a grammar uses the backend's one candidates array) stays on the decode thread. Which
-    thread samples a row changes nothing in what it draws."""
-
-    def __init__(self, helpers: int) -> None:
-        self.helpers = max(0, helpers)
-        self._pool = ThreadPoolExecutor(self.helpers, "sampling") if self.helpers else None
-
-    @classmethod
-    def for_this_machine(cls) -> RowSampling:
-        return cls(min(usable_cpus(), SAMPLING_THREADS_MAX) - 1)
-
-    def sample(self, rows: Sequence[tuple[Sampler, int]]) -> list[int]:
-        """Each row's token, in the rows' order."""
-        if self._pool is None or len(rows) < 2:
-            return [sampler.sample(index) for sampler, index in rows]
-        tokens = [0] * len(rows)
-        shareable = [k for k in range(len(rows)) if rows[k][0].shares_nothing]
-        kept = [k for k in range(len(rows)) if not rows[k][0].shares_nothing]
-        per_thread = -(-len(rows) // (self.helpers + 1))
-        handed: list[list[int]] = []
-        # Helpers take parts of the shareable rows while the decode thread has more than its own.
-        while shareable and len(handed) < self.helpers:
-            count = min(per_thread, len(kept) + len(shareable) - per_thread, len(shareable))
-            if count <= 0:
-                break
-            handed.append(shareable[-count:])
-            del shareable[-count:]
-        kept += shareable
-
-        def sample_rows(part: list[int]) -> list[int]:
-            return [rows[k][0].sample(rows[k][1]) for k in part]
-
-        futures = [self._pool.submit(sample_rows, part) for part in handed]
-        try:
-            for k, token in zip(kept, sample_rows(kept), strict=True):
-                tokens[k] = token
-        finally:
-            results = [future.result() for future in futures]  # none left sampling on a raise
-        for part, sampled in zip(handed, results, strict=True):
-            for k, token in zip(part, sampled, strict=True):
-                tokens[k] = token
-        return tokens
-
-
 def execute_step(
-    backend: Backend, sampling: RowSampling, step: Step
+    backend: Backend, step: Step
 ) -> tuple[list[int], list[Logprobs | None], list[int], int]:
     """The decode and sampling of a step, in the decode thread (ctypes releases the GIL, so
     the actor's socket tasks keep running meanwhile). Padding rows go after the KV of idle
@@ -261,7 +207,7 @@ def execute_step(
         for slot, pos in used:
             if not backend.seq_trim(slot, pos):
                 spoilt.append(slot)
-    tokens = sampling.sample(step.sample_at)
+    tokens = [sampler.sample(index) for sampler, index in step.sample_at]
     logprobs = [
         sampler.logprobs(index, token)
         for (sampler, index), token in zip(step.sample_at, tokens, strict=True)

@@ -43,7 +43,7 @@ from ...actors.config import default_model_path
 from .chat import measure_chat
 from .daemonstreams import DaemonUnderTest, run_daemon
 from .httpchat import measure_http_chat
-from .inprocess import measure_row_sampling, measure_speculation, run_inprocess, run_row_sweep
+from .inprocess import measure_sampling, measure_speculation, run_inprocess, run_row_sweep
 from .llamaserver import run_llama_server
 from .measurement import KINDS, LABELS, Measurement
 from .report import (
@@ -126,7 +126,7 @@ def bench(args: argparse.Namespace) -> int:
         else None
     )
     rows = run_row_sweep(model, threads) if args.rows else None
-    sampling = measure_row_sampling(model, threads) if args.sampling else None
+    sampling = measure_sampling(model, threads) if args.sampling else None
     speculated = [int(x) for x in args.speculation.split(",") if x.strip()]
     speculation = (
         measure_speculation(model, speculated, args.tokens, threads, args.ctx_size, args.runs)
@@ -167,7 +167,7 @@ def bench(args: argparse.Namespace) -> int:
         "chat": chat,
         "http_chat": http_chat,
         "decode_step_ms_by_rows": rows,
-        "row_sampling": sampling,
+        "sampling": sampling,
         "speculation": speculation,
         "raw": {kind: {str(n): runs for n, runs in by_n.items()} for kind, by_n in results.items()},
     }
@@ -215,7 +215,7 @@ def add_bench_command(commands: Any) -> None:
         (
             "--sampling",
             False,
-            "time sampling 8 rows after each decode in-process, alone and on helper threads",
+            "time sampling 8 rows after each decode in-process: handed the likeliest tokens or all",
         ),
         ("--plot", True, "write a PNG next to --output (needs matplotlib)"),
     ):

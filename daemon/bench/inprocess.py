@@ -77,23 +77,22 @@ def run_row_sweep(model: str, threads: int, most: int = 16, reps: int = 8) -> di
         backend.close()
 
 
-def measure_row_sampling(
-    model: str, threads: int, rows: int = 8, steps: int = 60
-) -> dict[str, Any]:
-    """Steps of `rows` generating rows in-process, their sampling on the decode thread alone and
-    spread over helper threads (worker.RowSampling, as the engine does), in alternate steps:
-    the medians of each, in ms."""
+def measure_sampling(model: str, threads: int, rows: int = 8, steps: int = 60) -> dict[str, Any]:
+    """Steps of `rows` generating rows in-process, sampled in alternate steps by chains handed
+    the likeliest tokens (as the engine does, backend.likeliest) and by the same chains handed
+    every token (llama_sampler_sample's way): the medians of each, in ms."""
     import statistics
 
     from ...actors.engine.backend import BatchEntry, LlamaBackend
-    from ...actors.engine.worker import RowSampling
 
     backend = LlamaBackend(model, n_seq_max=rows, n_ctx_seq=1024, n_batch=512, n_threads=threads)
-    spread = RowSampling.for_this_machine()
-    ways = {"decode thread alone": RowSampling(0), f"{spread.helpers} helper threads": spread}
-    prompts, samplers = open_streams(backend, rows)
+    prompts, likeliest = open_streams(backend, rows)
+    _, every = open_streams(backend, rows)
+    for sampler in every:
+        sampler.search_all()
+    ways = {"the likeliest tokens": likeliest, "every token": every}
     try:
-        tokens = prefill(backend, prompts, samplers)
+        tokens = prefill(backend, prompts, likeliest)
         positions = [len(p) for p in prompts]
         times: dict[str, dict[str, list[float]]] = {w: {"step": [], "sampling": []} for w in ways}
         for step in range(steps):
@@ -101,7 +100,7 @@ def measure_row_sampling(
             started = time.perf_counter()
             backend.decode([BatchEntry(t, positions[s], s, True) for s, t in enumerate(tokens)])
             decoded = time.perf_counter()
-            tokens = ways[way].sample([(sampler, s) for s, sampler in enumerate(samplers)])
+            tokens = [sampler.sample(s) for s, sampler in enumerate(ways[way])]
             ended = time.perf_counter()
             positions = [p + 1 for p in positions]
             times[way]["step"].append((ended - started) * 1000)
@@ -114,7 +113,7 @@ def measure_row_sampling(
             },
         }
     finally:
-        for sampler in samplers:
+        for sampler in likeliest + every:
             sampler.free()
         backend.close()
 

@@ -153,7 +153,8 @@ def print_rows(rows: dict[int, float]) -> None:
 
 
 def print_sampling(sampling: dict[str, Any]) -> None:
-    print(f"\nsampling {sampling['rows']} rows after each decode, in-process (medians, ms):")
+    rows = sampling["rows"]
+    print(f"\nsampling {rows} rows after each decode in-process, the chains handed (medians, ms):")
     for way, ms in sampling.items():
         if isinstance(ms, dict):
             print(f"  {way}: sampling {ms['sampling_ms']:.2f}, whole step {ms['step_ms']:.2f}")
