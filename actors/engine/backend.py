@@ -13,15 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# llama.cpp's OpenMP workers (GCC's libgomp) spin up to 300,000 rounds after each decode before
-# they sleep: through the sampling of the step's rows and the sending of its tokens, on the cores
-# the daemon's other processes (the HTTP actor, the gateway) then need. 10,000 rounds still cover
-# the waits at the barriers inside a decode (one row: 23.1 vs 24.0 ms a token, within noise); a
-# passive policy slept at each of them (27-28 ms). libgomp reads it as llama_cpp loads it: so
-# before the import.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 import llama_cpp
 import numpy as np
 
