@@ -659,7 +659,7 @@ class Sampler:
             )
             llama_cpp.llama_sampler_chain_add(chain, penalties)
             # Only the penalty sampler needs the history; priming it alone leaves the rest as new.
-            self._penalised = deque(list(history)[-PENALTY_LAST_N:], maxlen=PENALTY_LAST_N)
+            self._penalised = deque(history, maxlen=PENALTY_LAST_N)  # the last ones
             for token in self._penalised:
                 llama_cpp.llama_sampler_accept(penalties, token)
             return len(banned) + PENALTY_LAST_N
@@ -827,11 +827,8 @@ class Sampler:
         top = self._top_logprobs
         if top is None:
             return None
-        backend = self._backend
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(backend._ctx, batch_index), shape=(backend.n_vocab,)
-        )
-        scratch = backend.scratch()
+        logits = self._row(batch_index)
+        scratch = self._backend.scratch()
         peak = float(logits.max())
         np.subtract(logits, peak, out=scratch)
         # Below e**-50 a token adds nothing to the sum, and exp of such values is slow.
