@@ -16,6 +16,7 @@ from inferencecenter.actors.engine.backend import (
     DecodeError,
     LlamaBackend,
     ModelLoadError,
+    by_sequence,
     likeliest,
 )
 from inferencecenter.actors.engine.chat import ChatRenderer
@@ -163,6 +164,29 @@ def test_two_sequences_in_one_batch_start_like_each_alone(backend: LlamaBackend)
         backend.seq_clear(seq)
     # The same batch shape is deterministic.
     assert generate(backend, {0: a, 1: b}, 6) == together
+
+
+def test_rows_out_of_sequence_order_are_each_sampled_from_their_own_logits(
+    backend: LlamaBackend,
+) -> None:
+    """decode() hands llama.cpp its entries by sequence id (out of order they cost a ubatch
+    per run); each entry is still sampled by its own index, and the batch llama.cpp sees is
+    the same whatever the entries' order."""
+    questions = ["Name three colours.", "What is 2 + 2?", "Say hello.", "Count to three."]
+    prompts = {seq: prompt_tokens(backend, q) for seq, q in enumerate(questions)}
+    in_order = generate(backend, prompts, 5)
+    for seq in prompts:
+        backend.seq_clear(seq)
+    shuffled = generate(backend, {seq: prompts[seq] for seq in (2, 0, 3, 1)}, 5)
+    assert shuffled == in_order
+    assert len({tuple(tokens) for tokens in in_order.values()}) == len(prompts)
+
+
+def test_by_sequence_orders_entries_by_sequence_then_position() -> None:
+    entries = [BatchEntry(7, pos, seq, False) for seq, pos in [(0, 4), (1, 9), (2, 0)]]
+    assert by_sequence(entries) is None  # in order already: nothing to do
+    shuffled = [BatchEntry(7, pos, seq, False) for seq, pos in [(3, 1), (0, 5), (3, 0), (1, 2)]]
+    assert by_sequence(shuffled) == [1, 3, 2, 0]
 
 
 def test_saved_sequence_restored_elsewhere_continues_the_same(backend: LlamaBackend) -> None:
