@@ -154,6 +154,41 @@ def test_three_streams_are_padded_to_four_rows_in_an_idle_slot() -> None:
     assert core.padded_steps >= 1
 
 
+def generating_with_gaps(core: EngineCore, backend: FakeBackend, lengths: list[int]) -> Step:
+    """A session per slot, in order, generating `lengths` tokens each: the first step once the
+    2-token ones have ended, with the long ones going on and gaps where the short ones were."""
+    jobs = [infer(core, open_session(core, f"s{i}"), max_tokens=n) for i, n in enumerate(lengths)]
+    short = [job for job in jobs if job.params.max_tokens == 2]
+    core.admit()
+    while any(job in core.active for job in short):
+        step_once(core, backend)
+    step = step_once(core, backend)
+    assert step is not None
+    return step
+
+
+def test_a_gap_between_generating_slots_is_padded_so_the_step_is_one_ubatch() -> None:
+    # llama.cpp decodes each run of consecutive sequence ids as a ubatch of its own.
+    core, backend, _ = make_core(parallel=4, pad=True)
+    step = generating_with_gaps(core, backend, [12, 2, 12])
+    assert sorted(entry.seq_id for entry in step.entries) == [0, 2]
+    idle = core.slots.holder(1)
+    assert idle is not None and idle.job is None
+    # Slot 1 fills the gap, after its idle session's KV; then the 3 rows are padded to the 4
+    # this table favours, next to them.
+    assert step.pads == [(1, idle.n_past), (3, 0)]
+    assert sorted(entry.seq_id for entry in backend.batches[-1]) == [0, 1, 2, 3]
+    assert len(backend.kv[1]) == idle.n_past  # the padding row was removed after the step
+
+
+def test_a_gap_wider_than_gap_rows_is_left() -> None:
+    core, backend, _ = make_core(parallel=5, pad=True)
+    core.planner.pad_rows = lambda rows, spare: rows  # no padding by row count here
+    step = generating_with_gaps(core, backend, [12, 2, 2, 2, 12])
+    assert sorted(entry.seq_id for entry in step.entries) == [0, 4]
+    assert step.pads == []
+
+
 def test_one_stream_is_never_padded() -> None:
     core, backend, _ = make_core(parallel=4, pad=True)
     infer(core, open_session(core, "s"), max_tokens=6)
