@@ -171,14 +171,14 @@ class BatchPlanner:
         for gap in gaps:
             if all(slot in spare for slot in gap):
                 pads += [(slot, spare.pop(slot)) for slot in gap]
-        wanted = self.decode_rows(rows + len(pads), len(spare)) - rows - len(pads)
+        # The spare slots next to the run, after it first: a count is padded only to one
+        # they reach.
         low, high = generating[0], generating[-1]
-        while wanted > 0 and (high + 1 in spare or low - 1 in spare):
-            slot = high + 1 if high + 1 in spare else low - 1
-            pads.append((slot, spare.pop(slot)))
-            low, high = min(low, slot), max(high, slot)
-            wanted -= 1
-        return pads
+        after = list(itertools.takewhile(spare.__contains__, itertools.count(high + 1)))
+        before = list(itertools.takewhile(spare.__contains__, itertools.count(low - 1, -1)))
+        reach = after + before
+        wanted = self.decode_rows(rows + len(pads), len(reach)) - rows - len(pads)
+        return pads + [(slot, spare[slot]) for slot in reach[: max(wanted, 0)]]
 
     def observe(self, outputs: int, prompt_tokens: int, ms: float, decode_only: bool) -> None:
         """A step's measured time, for the cost model (`outputs` rows with logits, padding
