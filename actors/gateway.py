@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -30,7 +30,7 @@ from ..protocol.messages import Request
 from ..protocol.zmqtrio import TrioSocket
 from .actor import ActorLink, Body, report_to_supervisor
 from .budgets import Admissions, Budgets, PromptBounds, RefusalPenalty
-from .config import Config
+from .config import Config, is_loopback
 from .logs import EventLog
 from .models import UNLOADED_MESSAGE, ModelDirectory, combine_inference
 from .revocation import REVOKED_MESSAGE, ClientsWatch, Table, change_of
@@ -124,6 +124,9 @@ class Gateway:
         self.clients_watch = ClientsWatch(self.auth, internal.GATEWAY)
         self.clients_watch.listeners.append(self.revoke)
         self.revoked: set[bytes] = set()  # connections whose client was revoked since its auth
+        # Connections with an `auth` queued or under way: requests sent behind it wait their
+        # turn (they are served in order) instead of being refused on arrival.
+        self.authenticating: Counter[bytes] = Counter()
         self.sessions = ActorLink(internal.SESSIONS, config)
         self.admissions = Admissions()
         self.prompt_bounds = PromptBounds()
@@ -193,11 +196,9 @@ class Gateway:
             return
         request_id = messages.request_id(body)
         try:
+            if not self.authenticating[peer]:  # an op that needs auth: refused before its fields
+                self.check_authenticated(peer, body.get("op"))
             request = messages.parse_request(body)
-            if request.op not in messages.OPS_BEFORE_AUTH and peer not in self.clients:
-                if peer in self.revoked:
-                    raise Unauthenticated(REVOKED_MESSAGE)
-                raise Unauthenticated(f"{request.op} needs a successful auth first")
         except ProtocolError as exc:
             self.reply_error(peer, request_id, exc)
             return
@@ -207,6 +208,18 @@ class Gateway:
                 self.frontend.last_property("User-Id"),
             )
         self.enqueue(peer, request)
+
+    def check_authenticated(self, peer: bytes, op: Any) -> None:
+        """Every op but those before auth needs a successful `auth` on this connection."""
+        if (
+            isinstance(op, str)
+            and op in messages.REQUEST_FIELDS
+            and op not in messages.OPS_BEFORE_AUTH
+        ):
+            if peer not in self.clients:
+                if peer in self.revoked:
+                    raise Unauthenticated(REVOKED_MESSAGE)
+                raise Unauthenticated(f"{op} needs a successful auth first")
 
     async def watch_monitor(self) -> None:
         """Disconnects of quiet clients, noticed without waiting for their next message."""
@@ -254,6 +267,7 @@ class Gateway:
         self.clients.pop(peer, None)
         self.revoked.discard(peer)
         self.origins.pop(peer, None)
+        self.authenticating.pop(peer, None)
         queue = self.queues.pop(peer, None)
         if queue is not None:
             queue.close()
@@ -302,6 +316,8 @@ class Gateway:
             self.reply_error(peer, request.id, Overloaded("too many requests in flight"))
         else:
             self.queued += 1
+            if request.op == "auth":
+                self.authenticating[peer] += 1
 
     async def serve_connection(
         self, peer: bytes, receive: trio.MemoryReceiveChannel[Request]
@@ -325,6 +341,7 @@ class Gateway:
             if penalty is not None:
                 await trio.sleep_until(penalty.until)
             try:
+                self.check_authenticated(peer, request.op)  # its auth, sent before it, failed
                 await self.handlers[request.op](peer, request)
             except (TooLarge, RateLimited) as exc:
                 if state is not None:
@@ -381,6 +398,14 @@ class Gateway:
         self.reply(peer, request.id, messages.PONG, time=time.time())
 
     async def authenticate(self, peer: bytes, request: Request) -> None:
+        try:
+            await self.check_key(peer, request)
+        finally:
+            self.authenticating[peer] -= 1
+            if self.authenticating[peer] <= 0:
+                del self.authenticating[peer]
+
+    async def check_key(self, peer: bytes, request: Request) -> None:
         address, curve_key = self.origins.get(peer, ("", ""))
         result = await self.auth.request(
             "authenticate",
@@ -426,7 +451,11 @@ class Gateway:
         """A session of a known model (the default without one), loaded on demand: the reply
         comes once the model serves."""
         state = self.client_of(peer)
-        model = request.fields["model"] or self.models.default
+        model = request.fields["model"]
+        if model is None:
+            model = self.models.default
+        elif not model:
+            raise NotFound("no model is named '' (leave `model` out for the default)")
         if not self.models.known(model):
             await self.models.engine(model)  # not_found, unless --models-dir has it now
         created = await self.sessions.request(
@@ -656,6 +685,12 @@ class Gateway:
         runs, its model unloaded included)."""
         session_id = request.fields["session_id"]
         _, owner = await self.owned_session(peer, session_id, admin_too=True)
+        streaming = [s for s in self.streams.values() if s.session_id == session_id]
+        if streaming:  # `aborted` goes out before the `end` it brings (a queued infer's at once)
+            self.reply(peer, request.id, messages.ABORTED, session_id=session_id)
+            for stream in streaming:
+                stream.engine.push("abort", session_id=session_id)
+            return
         engine = self.models.running_link(owner.model)
         try:
             if engine is not None:
@@ -682,25 +717,9 @@ class Gateway:
     # ---- models -------------------------------------------------------------------------
 
     async def list_models(self, peer: bytes, request: Request) -> None:
-        """Every known model with its state; `sessions` counts the sessions kept for it, its
-        model loaded or not."""
         self.client_of(peer)
-        described = await self.models.describe()
-        counts = (await self.sessions.request("counts"))["counts"]
-        models = [
-            {
-                "model": m["model"],
-                "state": m["state"],
-                "parallel": m["parallel"],
-                "ctx_size": m["ctx_size"],
-                "sessions": int(counts.get(m["model"], 0)),
-                "memory_mb": m["memory_mb"],
-            }
-            for m in described["models"]
-        ]
-        self.reply(
-            peer, request.id, messages.MODEL_LIST, default=described["default"], models=models
-        )
+        listed = await self.models.model_list(self.sessions)
+        self.reply(peer, request.id, messages.MODEL_LIST, **listed)
 
     async def load_model(self, peer: bytes, request: Request) -> None:
         """Admin only; the reply comes once the model serves."""
@@ -758,6 +777,8 @@ async def main(config: Config, stop: trio.Event) -> None:
         nursery.start_soon(gateway.run)
         report_to_supervisor(config, {"op": "ready", "actor": internal.GATEWAY})
         log.info("serving", endpoint=f"tcp://{config.bind}:{config.port}")
+        if not config.curve and not is_loopback(config.bind):  # --insecure-plaintext
+            log.warning("serving in plaintext: keys and prompts cross the network in clear")
         await stop.wait()
         # Give ends that are still on their way (the engine stops first) a moment to leave.
         await frontend.flush(2.0)

@@ -131,6 +131,24 @@ class ModelDirectory:
         """`list_models` as the registry answers it (sessions: what its engines hold)."""
         return await self.registry.request("list_models", timeout=10.0)
 
+    async def model_list(self, sessions: ActorLink) -> Body:
+        """`list_models`' answer (PROTOCOL.md), for both fronts: `default` and `models`, each
+        with its state; `sessions` counts the sessions kept for it, loaded or not."""
+        described = await self.describe()
+        counts = (await sessions.request("counts"))["counts"]
+        models = [
+            {
+                "model": m["model"],
+                "state": m["state"],
+                "parallel": m["parallel"],
+                "ctx_size": m["ctx_size"],
+                "sessions": int(counts.get(m["model"], 0)),
+                "memory_mb": m["memory_mb"],
+            }
+            for m in described["models"]
+        ]
+        return {"default": described["default"], "models": models}
+
     async def load(self, **fields: Any) -> Body:
         return await self.registry.request("load_model", timeout=LOAD_TIMEOUT_S, **fields)
 
@@ -161,6 +179,7 @@ SUMMED = (
     "queued",
     "total_sessions",
     "total_tokens_generated",
+    "total_requests",
     "tokens_per_second",
     "kv_cells_used",
     "kv_cells_total",
@@ -173,6 +192,7 @@ PER_MODEL = (
     "queued",
     "tokens_per_second",
     "total_tokens_generated",
+    "total_requests",
     "kv_cells_used",
     "kv_cells_total",
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +46,12 @@ EMPTY_INFERENCE: dict[str, Any] = {
     "last_tps": 0.0,
     "last_ttft_ms": 0.0,
     "total_tokens_generated": 0,
+    "total_requests": 0,
     "tokens_per_second": 0.0,
     "models": {},
 }
+# Totals an engine counts from its start: kept for its model once the engine is gone.
+RUNNING_TOTALS = ("total_tokens_generated", "total_requests")
 
 # NVML's throttle reason bits, by the names the metrics use.
 THROTTLE_REASONS = {
@@ -160,8 +164,8 @@ class MonitorActor:
         self.pub = pub
         # Each engine's model and latest figures (a hot swap runs two engines of one model).
         self.engines: dict[str, tuple[str, Body]] = {}
-        # Tokens counted by engines that are gone (unloaded, restarted), so totals only grow.
-        self.retired: dict[str, int] = {}
+        # Totals counted by engines that are gone (unloaded, restarted), so that they only grow.
+        self.retired: dict[str, Counter[str]] = {}
         self.models: list[Body] = []  # the model registry's view (state, memory, settings)
         self.default = config.model_name
         # Kept even without --prometheus-port: the HTTP actor's /metrics shows the same series.
@@ -197,8 +201,9 @@ class MonitorActor:
     def retire(self, engine: str) -> None:
         """Keep the tokens an engine generated once it is gone (or restarted)."""
         model, figures = self.engines.pop(engine)
-        tokens = int(figures.get("total_tokens_generated", 0))
-        self.retired[model] = self.retired.get(model, 0) + tokens
+        retired = self.retired.setdefault(model, Counter())
+        for key in RUNNING_TOTALS:
+            retired[key] += int(figures.get(key, 0))
 
     def update_models(self, body: Body, caller: Caller) -> None:
         """The registry's models and running engines (once a second)."""
@@ -222,9 +227,11 @@ class MonitorActor:
     def inference(self) -> Body:
         """The engines' figures combined, with the tokens of engines that are gone."""
         inference = combine_inference(self.per_model(), self.models, self.default)
-        inference["total_tokens_generated"] += sum(self.retired.values())
-        for name, figures in inference["models"].items():
-            figures["total_tokens_generated"] += self.retired.get(name, 0)
+        for name, retired in self.retired.items():
+            for key in RUNNING_TOTALS:
+                inference[key] += retired[key]
+                if name in inference["models"]:
+                    inference["models"][name][key] += retired[key]
         return {**EMPTY_INFERENCE, **inference}
 
     def on_event(self, body: Body, caller: Caller) -> None:

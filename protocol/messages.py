@@ -159,10 +159,15 @@ def _max_tokens(v: Any) -> int:
     return x
 
 
+# Any int >= 0 is a seed; llama.cpp's is 32 bits and takes 2**32 - 1 for "random", so seeds
+# are reduced modulo 2**32 - 1 (those below it are kept as they are).
+SEED_MODULUS = 2**32 - 1
+
+
 def _seed(v: Any) -> int:
     x = _integer("seed", v)
-    _check(0 <= x < 2**32 - 1, "seed", "an int in [0, 2**32 - 2]", v)
-    return x
+    _check(x >= 0, "seed", ">= 0", v)
+    return x % SEED_MODULUS
 
 
 def _stop(v: Any) -> tuple[str, ...]:

@@ -45,6 +45,42 @@ def test_session_ops_before_auth_are_unauthenticated(raw: RawClient) -> None:
         assert reply["code"] == "unauthenticated", reply
 
 
+def test_an_op_before_auth_is_unauthenticated_before_its_fields_are_checked(
+    raw: RawClient,
+) -> None:
+    reply = raw.request({"op": "infer", "id": 7})  # no session_id, no prompt
+    assert (reply["code"], reply["id"]) == ("unauthenticated", 7), reply
+
+
+def test_an_op_that_is_no_name_before_auth_is_bad_request(raw: RawClient) -> None:
+    for op in (["infer"], {"a": 1}, 3, None):
+        reply = raw.request({"op": op, "id": 8})
+        assert (reply["code"], reply["id"]) == ("bad_request", 8), reply
+
+
+def test_requests_sent_right_behind_auth_wait_for_it(raw: RawClient, daemon: Daemon) -> None:
+    """A client need not wait for `auth_success`: requests are served in the order sent."""
+    raw.send({"op": "auth", "id": 1, "client_id": "alice", "api_key": daemon.api_key})
+    raw.send({"op": "create_session", "id": 2})
+    raw.send({"op": "list_sessions", "id": 3})
+    replies = [raw.recv() for _ in range(3)]
+    assert [(r["op"], r["id"]) for r in replies] == [
+        ("auth_success", 1),
+        ("session_created", 2),
+        ("session_list", 3),
+    ], replies
+    assert [s["session_id"] for s in replies[2]["sessions"]] == [replies[1]["session_id"]]
+
+
+def test_requests_behind_a_failed_auth_are_unauthenticated(raw: RawClient) -> None:
+    raw.send({"op": "auth", "id": 1, "client_id": "alice", "api_key": "wrong-key-0123456789"})
+    raw.send({"op": "create_session", "id": 2})
+    replies = [raw.recv() for _ in range(2)]
+    assert [(r["op"], r["id"]) for r in replies] == [("auth_failed", 1), ("error", 2)]
+    assert replies[1]["code"] == "unauthenticated"
+    assert raw.request({"op": "stats", "id": 3})["code"] == "unauthenticated"
+
+
 def test_auth_success_describes_client_and_server(raw: RawClient, daemon: Daemon) -> None:
     reply = raw.request({"op": "auth", "id": 1, "client_id": "alice", "api_key": daemon.api_key})
     assert reply["op"] == "auth_success" and reply["id"] == 1
@@ -172,8 +208,9 @@ def test_create_session_gives_unguessable_id_model_and_ctx(authed: RawClient) ->
 
 
 def test_unknown_model_is_not_found(authed: RawClient) -> None:
-    reply = authed.request({"op": "create_session", "model": "llama-70b"})
-    assert reply["code"] == "not_found"
+    for model in ("llama-70b", ""):  # an empty name is no model, not the default
+        reply = authed.request({"op": "create_session", "model": model})
+        assert reply["code"] == "not_found", reply
 
 
 def test_named_model_is_accepted(authed: RawClient) -> None:
@@ -439,11 +476,42 @@ def test_abort_ends_generation_within_half_a_second(authed: RawClient) -> None:
             assert reply["finish_reason"] == "aborted"
             break
     assert elapsed < 0.5, elapsed
-    if not got_ack:
-        assert authed.recv()["op"] == "aborted"
+    assert got_ack, "`aborted` comes before the `end` it brings"
     # The session goes on after an abort.
     _text, end = run_infer(authed, session_id, prompt=" Next", params=GREEDY)
     assert end["finish_reason"] == "length"
+
+
+def test_aborting_a_queued_infer_answers_aborted_then_its_end(authed: RawClient) -> None:
+    """Every slot (4) generates; a fifth infer waits in the queue, and its abort ends it at
+    once: `aborted` first, then its `end`."""
+    sessions = [new_session(authed) for _ in range(5)]
+    long_run = {"max_tokens": 1000, "ignore_eos": True}
+    for index, session_id in enumerate(sessions[:4]):
+        body = {"op": "infer", "id": index, "session_id": session_id, "prompt": "Go on"}
+        authed.send({**body, "params": long_run})
+    started: set[int] = set()
+    while len(started) < 4:
+        reply = authed.recv()
+        assert reply["op"] == "token", reply
+        started.add(reply["id"])
+    queued = sessions[4]
+    authed.send({"op": "infer", "id": "q", "session_id": queued, "prompt": "Hi"})
+    authed.send({"op": "abort", "id": "stop", "session_id": queued})
+    order = []
+    while "end" not in order:
+        reply = authed.recv()
+        if reply.get("id") == "stop":
+            order.append(reply["op"])
+        elif reply.get("id") == "q":
+            assert reply["op"] == "end" and reply["finish_reason"] == "aborted", reply
+            order.append("end")
+    assert order == ["aborted", "end"]
+    for session_id in sessions[:4]:
+        authed.send({"op": "abort", "session_id": session_id})
+    ended = 0
+    while ended < 4:
+        ended += authed.recv()["op"] == "end"
 
 
 def test_abort_with_nothing_running_still_answers(authed: RawClient) -> None:

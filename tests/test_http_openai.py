@@ -5,6 +5,7 @@ that goes away. Greedy replies are compared with the ZeroMQ path's for the same 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -354,6 +355,9 @@ def test_malformed_bodies_and_unknown_routes_get_openai_errors(http_daemon: Daem
         result = curl("-i", *auth, *args)
         assert result.stdout.startswith(f"HTTP/1.1 {status}"), result.stdout
         assert "error" in json.loads(result.stdout.split("\n\n", 1)[1])
+        if status == "405":
+            allow = re.search(r"^allow: (.*)$", result.stdout, re.MULTILINE | re.IGNORECASE)
+            assert allow and "GET" in allow.group(1), result.stdout
 
 
 def test_all_sessions_in_use_is_429_with_retry_after(http_daemon: Daemon, model: str) -> None:
@@ -514,6 +518,42 @@ def test_store_false_keeps_nothing(http_daemon: Daemon, model: str, raw: RawClie
         client.responses.create(model=model, input="Again", previous_response_id=reply.id)
     body: Any = caught.value.body
     assert body["param"] == "previous_response_id"
+
+
+def test_store_false_cannot_continue_a_stored_response(
+    http_daemon: Daemon, model: str, raw: RawClient
+) -> None:
+    """It would add its turn to the stored conversation's session: refused, which changes
+    nothing (the stored response still continues)."""
+    client = openai_client(http_daemon)
+    first = client.responses.create(model=model, input="Hello", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=model, input="Hi", previous_response_id=first.id, store=False)
+    body: Any = caught.value.body
+    assert body["param"] == "store"
+    second = client.responses.create(
+        model=model, input="Again", previous_response_id=first.id, max_output_tokens=2
+    )
+    assert second.usage is not None and second.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_stored_conversations_make_room_for_a_stateless_request(
+    http_daemon: Daemon, model: str
+) -> None:
+    """carol may hold two sessions: her two stored conversations take them; a chat completion
+    then closes the least recently used one instead of answering 429."""
+    carol = openai_client(http_daemon, key=http_daemon.extra["carol_key"])
+    older, newer = (
+        carol.responses.create(model=model, input=text, max_output_tokens=2)
+        for text in ("One", "Two")
+    )
+    reply = carol.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.NotFoundError):
+        carol.responses.create(model=model, input="More", previous_response_id=older.id)
+    carol.responses.create(model=model, input="More", previous_response_id=newer.id)
 
 
 def test_a_response_streams_its_events_async(http_daemon: Daemon, model: str) -> None:

@@ -92,8 +92,9 @@ def active_generations(raw: RawClient) -> int:
 def test_ws_auth_session_infer_and_close(
     http_daemon: Daemon, ws: ClientConnection, raw: RawClient
 ) -> None:
-    refused = request(ws, {"op": "create_session"})
-    assert refused["op"] == "error" and refused["code"] == "unauthenticated"
+    for op in ("create_session", "ping", "subscribe_metrics"):  # nothing before auth
+        refused = request(ws, {"op": op})
+        assert refused["op"] == "error" and refused["code"] == "unauthenticated", refused
     wrong = request(ws, {"op": "auth", "client_id": "alice", "api_key": "wrong-key-000"})
     assert wrong["op"] == "auth_failed" and wrong["reason"]
     login(ws, http_daemon)
@@ -219,13 +220,18 @@ def test_stats_and_status(http_daemon: Daemon, raw: RawClient) -> None:
     status, body = get(http_daemon, "/stats")
     stats = json.loads(body)
     assert status == 200 and stats["sessions"] == 1
-    assert {"active_generations", "total_tokens_generated", "tokens_per_second"} <= set(
-        stats["inference"]
-    )
+    inference = stats["inference"]
+    assert {"active_generations", "total_tokens_generated", "tokens_per_second"} <= set(inference)
     assert list(stats["models"]) == ["gemma-3-270m-q4_k_m"]
+    requests = inference["total_requests"]
+    run_infer(raw, new_session(raw), prompt="Hello", params={"temp": 0, "max_tokens": 2})
+    stats = json.loads(get(http_daemon, "/stats")[1])
+    assert stats["inference"]["total_requests"] == requests + 1
+    assert stats["models"]["gemma-3-270m-q4_k_m"]["total_requests"] == requests + 1
     status, body = get(http_daemon, "/status")
     listed = json.loads(body)
-    assert status == 200 and listed["default"] == "gemma-3-270m-q4_k_m"
+    assert status == 200 and set(listed) == {"default", "models"}  # list_models' answer
+    assert listed["default"] == "gemma-3-270m-q4_k_m"
     (model,) = listed["models"]
     assert model["state"] == "loaded" and model["parallel"] == 4 and model["ctx_size"] == 1024
     assert get(http_daemon, "/stats", key="wrong-key-000")[0] == 401

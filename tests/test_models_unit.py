@@ -348,9 +348,11 @@ def test_a_shortfall_names_the_figures() -> None:
 def test_figures_are_summed_and_kept_per_model() -> None:
     figures = {
         "a": {"active_generations": 1, "total_sessions": 3, "tokens_per_second": 10.0,
-              "total_tokens_generated": 100, "last_tps": 50.0, "last_ttft_ms": 20.0},
+              "total_tokens_generated": 100, "total_requests": 4, "last_tps": 50.0,
+              "last_ttft_ms": 20.0},
         "b": {"active_generations": 2, "total_sessions": 1, "tokens_per_second": 5.0,
-              "total_tokens_generated": 7, "last_tps": 9.0, "last_ttft_ms": 30.0},
+              "total_tokens_generated": 7, "total_requests": 2, "last_tps": 9.0,
+              "last_ttft_ms": 30.0},
     }  # fmt: skip
     described = [
         {"model": "a", "state": "loaded", "sessions": 3, "memory_mb": 500.0},
@@ -360,6 +362,7 @@ def test_figures_are_summed_and_kept_per_model() -> None:
     inference = combine_inference(figures, described, "b")
     assert inference["active_generations"] == 3 and inference["total_sessions"] == 4
     assert inference["tokens_per_second"] == 15.0 and inference["total_tokens_generated"] == 107
+    assert inference["total_requests"] == 6 and inference["models"]["a"]["total_requests"] == 4
     assert inference["last_tps"] == 9.0  # the default model's
     models = inference["models"]
     assert models["a"]["state"] == "loaded" and models["a"]["memory_mb"] == 500.0
@@ -368,6 +371,7 @@ def test_figures_are_summed_and_kept_per_model() -> None:
         "queued": 0,
         "tokens_per_second": 0,
         "total_tokens_generated": 0,
+        "total_requests": 0,
         "kv_cells_used": 0,
         "kv_cells_total": 0,
         "state": "available",

@@ -88,6 +88,14 @@ def test_int_accepted_where_float_expected() -> None:
     assert parse_params({"temp": 0, "top_p": 1}).temp == 0.0
 
 
+def test_any_seed_from_zero_up_is_taken_and_never_means_random() -> None:
+    """PROTOCOL.md: seed is an int >= 0. llama.cpp reads 2**32 - 1 as "random"."""
+    assert [parse_params({"seed": s}).seed for s in (0, 7, 2**32 - 2)] == [0, 7, 2**32 - 2]
+    for seed in (2**32 - 1, 2**32, 2**64 - 1, 10**30):
+        reduced = parse_params({"seed": seed}).seed
+        assert reduced is not None and 0 <= reduced < 2**32 - 1
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [

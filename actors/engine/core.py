@@ -662,6 +662,7 @@ class EngineCore:
             "last_tps": self.last_tps,
             "last_ttft_ms": self.last_ttft_ms,
             "total_tokens_generated": self.total_tokens,
+            "total_requests": self.arrivals,
             "tokens_per_second": float(len(self.recent_tokens)),
             "kv_cells_used": self.slots.cells_used(),
             "kv_cells_total": self.n_ctx * len(self.slots),

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,7 +158,7 @@ class DaemonLink:
         self.aborted_early: set[str] = set()
         self.models = ModelDirectory(config, internal.HTTP)
         self.monitor = ActorLink(internal.MONITOR, config)
-        self.ctx_size = config.ctx_size  # a session's context, as the engine last said
+        self.ctx_sizes: dict[str, int] = {}  # a session's context per model, as its engine said
         self.session_models: OrderedDict[str, str] = OrderedDict()  # never changes after create
         self.nursery: trio.Nursery | None = None
 
@@ -252,8 +252,18 @@ class DaemonLink:
                 await self.close_session(session_id)
             raise
         self.prompt_bounds.learn(engine.name, opened)
-        self.ctx_size = int(opened["ctx_size"])
-        return session_id, self.ctx_size
+        self.ctx_sizes[model] = ctx_size = int(opened["ctx_size"])
+        return session_id, ctx_size
+
+    async def ctx_size_of(self, model: str) -> int:
+        """A session's context on `model`: as its engine said at the last open, else as the
+        registry describes the model."""
+        known = self.ctx_sizes.get(model)
+        if known is None:
+            described = await self.models.describe()
+            sizes = {m["model"]: m["ctx_size"] for m in described["models"]}
+            known = int(sizes.get(model) or self.config.ctx_size)
+        return known
 
     def remember(self, session_id: str, model: str) -> None:
         self.session_models[session_id] = model
@@ -282,19 +292,6 @@ class DaemonLink:
         except NotFound:
             pass
         self.session_models.pop(session_id, None)
-
-    @asynccontextmanager
-    async def short_session(
-        self, client: Client, model: str, system_prompt: str | None = None
-    ) -> AsyncIterator[tuple[str, int]]:
-        """A session for one request, closed after it whatever happens (a client that went
-        away included: closing aborts its generation)."""
-        session_id, ctx_size = await self.create_session(client, model, system_prompt)
-        try:
-            yield session_id, ctx_size
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.close_session(session_id)
 
     async def check_owner(self, client: Client, session_id: str) -> str:
         """The session's model, if `client` owns it."""
@@ -448,13 +445,8 @@ class DaemonLink:
         return combine_inference(figures, described["models"], described["default"])
 
     async def list_models(self) -> Body:
-        """`list_models`' answer: `sessions` counts the sessions kept for each model."""
-        described = await self.models.describe()
-        counts = (await self.sessions.request("counts"))["counts"]
-        for model in described["models"]:
-            model["sessions"] = int(counts.get(model["model"], 0))
-            model.pop("active_generations", None)
-        return described
+        """`list_models`' answer, as the ZeroMQ gateway gives it."""
+        return await self.models.model_list(self.sessions)
 
     async def load_model(self, model: str, path: str | None) -> Body:
         fields: Body = {"model": model} if path is None else {"model": model, "path": path}

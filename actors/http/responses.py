@@ -5,7 +5,8 @@ A stored response continues in its conversation's session: the session keeps its
 request with `previous_response_id` evaluates only its new input (`cached_tokens`). A stored
 response's id names its session and its place in the conversation (`resp_<session>.<n>`), so the
 mapping needs no table that a restart would lose; only the conversation's latest response can be
-continued (the session holds that one). `store: false` runs in a session closed after it.
+continued (the session holds that one). `store: false` runs in a session closed after it; it
+cannot continue a stored conversation (that would change it: the session holds every turn).
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from ...protocol.errors import LimitReached, NotFound
 from ...protocol.messages import SamplingParams
@@ -116,6 +121,12 @@ def parse_request(body: Body) -> ResponseRequest:
         raise FieldError("store", "store must be a boolean")
     instructions = _optional_str(body, "instructions")
     previous = _optional_str(body, "previous_response_id")
+    if previous is not None and store is False:
+        raise FieldError(
+            "store",
+            "store: false cannot continue a stored response (its session keeps every turn):"
+            " send store: true, or the whole conversation as input",
+        )
     turns = _input_turns(body.get("input"))
     if previous is not None and instructions:
         # The conversation's session keeps its first instructions; new ones join as a turn.
@@ -184,9 +195,10 @@ class Conversation:
 
 class StoredConversations:
     """The sessions of stored conversations, per client, least recently used first, and each
-    one's latest turn. They count against the client's max_sessions: when a new conversation
-    finds it full, the client's least recently used idle stored conversation is closed to make
-    room. After a restart of this actor nothing is known, and any owned session is accepted."""
+    one's latest turn. They count against the client's max_sessions: when a new session (of a
+    conversation, or of a stateless request) finds it full, the client's least recently used
+    idle stored conversation is closed to make room. After a restart of this actor nothing is
+    known, and any owned session is accepted."""
 
     def __init__(self) -> None:
         self.by_client: dict[str, OrderedDict[str, int]] = {}  # session_id -> latest turn
@@ -203,9 +215,10 @@ class StoredConversations:
         sessions[conversation.session_id] = conversation.turn
         sessions.move_to_end(conversation.session_id)
 
-    async def create(
+    async def new_session(
         self, link: DaemonLink, client: Client, model: str, system_prompt: str | None
     ) -> tuple[str, int]:
+        """A new session of `client` (see the class for when one is closed to make room)."""
         sessions = self.by_client.setdefault(client.client_id, OrderedDict())
         while True:
             try:
@@ -216,6 +229,19 @@ class StoredConversations:
                     raise
                 del sessions[idle[0]]
                 await link.close_session(idle[0])
+
+    @asynccontextmanager
+    async def short_session(
+        self, link: DaemonLink, client: Client, model: str, system_prompt: str | None
+    ) -> AsyncIterator[tuple[str, int]]:
+        """A session for one stateless request, closed after it whatever happens (a client
+        that went away included: closing aborts its generation)."""
+        session_id, ctx_size = await self.new_session(link, client, model, system_prompt)
+        try:
+            yield session_id, ctx_size
+        finally:
+            with trio.CancelScope(shield=True):
+                await link.close_session(session_id)
 
 
 # ---- response objects and events ----------------------------------------------------------

@@ -93,7 +93,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     code = {404: "not_found", 405: "bad_request"}.get(status, "bad_request")
     message = f"{request.method} {request.url.path[:100]}: {getattr(exc, 'detail', '')}"
-    return JSONResponse(shapes.error_json(code, message), status_code=status)
+    headers = getattr(exc, "headers", None)  # a 405's Allow
+    return JSONResponse(shapes.error_json(code, message), status_code=status, headers=headers)
 
 
 class GenerationStream(EventSourceResponse):
@@ -290,7 +291,7 @@ class Routes:
         ids = ReplyIds(shapes.new_id("chatcmpl-" if chat else "cmpl-"), model)
         async with self.resources() as stack:
             session_id, ctx_size = await stack.enter_async_context(
-                self.link.short_session(client, model, generation.system_prompt)
+                self.stored.short_session(self.link, client, model, generation.system_prompt)
             )
             stream = self.start_infer(
                 stack,
@@ -400,14 +401,15 @@ class Routes:
                     "previous_response_id",
                     "only the latest response of a conversation can be continued",
                 )
-            conversation = rs.Conversation(session_id, self.link.ctx_size, True, turn + 1)
+            ctx_size = await self.link.ctx_size_of(model)
+            conversation = rs.Conversation(session_id, ctx_size, True, turn + 1)
         elif not ask.store:
             session_id, ctx_size = await stack.enter_async_context(
-                self.link.short_session(client, model, ask.instructions)
+                self.stored.short_session(self.link, client, model, ask.instructions)
             )
             return rs.Conversation(session_id, ctx_size, stored=False)
         else:
-            session_id, ctx_size = await self.stored.create(
+            session_id, ctx_size = await self.stored.new_session(
                 self.link, client, model, ask.instructions
             )
             conversation = rs.Conversation(session_id, ctx_size, True)

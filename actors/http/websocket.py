@@ -10,6 +10,7 @@ generations are aborted; its sessions stay, as on ZeroMQ.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -162,19 +163,19 @@ class Connection:
                 handler = self.ops.get(op) if isinstance(op, str) else None
                 if handler is None:
                     raise BadRequest(f"unknown op {str(op)[:64]!r}")
-                if self.client is None and op not in ("auth", "ping"):
+                if self.client is None and op != "auth":  # nothing else before it
                     if self.revoked:
                         raise Unauthenticated(REVOKED_MESSAGE)
                     raise Unauthenticated(f"{op} needs a successful auth first")
                 await handler(body)
             except ProtocolError as exc:
-                await self.send({"op": "error", "code": exc.code, "message": exc.message})
+                await self.send(exc.to_body())  # with retry_after_s when rate_limited
             except WebSocketDisconnect:
                 return
             except Exception:
                 log.exception("websocket request failed")
                 error = InternalError("the request failed")
-                await self.send({"op": "error", "code": error.code, "message": error.message})
+                await self.send(error.to_body())
 
     def parse(self, text: str) -> Body:
         limit = self.handler.config.max_message_bytes
@@ -211,7 +212,7 @@ class Connection:
     # ---- ops ----------------------------------------------------------------------------
 
     async def ping(self, body: Body) -> None:
-        await self.send({"op": "pong"})
+        await self.send({"op": "pong", "time": time.time()})
 
     async def auth(self, body: Body) -> None:
         client_id, api_key = _text(body, "client_id"), _text(body, "api_key")
@@ -286,14 +287,7 @@ class Connection:
                 except ProtocolError as exc:
                     if isinstance(exc, (NotFound, Forbidden)):
                         self.owned.discard(session_id)
-                    await self.send(
-                        {
-                            "op": "error",
-                            "code": exc.code,
-                            "message": exc.message,
-                            "session_id": session_id,
-                        }
-                    )
+                    await self.send({**exc.to_body(), "session_id": session_id})
                     return
                 if isinstance(event, End):
                     end: Body = {
