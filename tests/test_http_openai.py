@@ -553,7 +553,9 @@ def test_stored_conversations_make_room_for_a_stateless_request(
     assert reply.choices[0].message.content is not None
     with pytest.raises(openai.NotFoundError):
         carol.responses.create(model=model, input="More", previous_response_id=older.id)
-    carol.responses.create(model=model, input="More", previous_response_id=newer.id)
+    carol.responses.create(
+        model=model, input="More", previous_response_id=newer.id, max_output_tokens=2
+    )
 
 
 def test_a_response_streams_its_events_async(http_daemon: Daemon, model: str) -> None:
