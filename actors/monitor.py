@@ -199,7 +199,7 @@ class MonitorActor:
         self.engines[engine] = (model, figures)
 
     def retire(self, engine: str) -> None:
-        """Keep the tokens an engine generated once it is gone (or restarted)."""
+        """Keep an engine's running totals (tokens, requests) once it is gone (or restarted)."""
         model, figures = self.engines.pop(engine)
         retired = self.retired.setdefault(model, Counter())
         for key in RUNNING_TOTALS:
@@ -225,7 +225,7 @@ class MonitorActor:
         return figures
 
     def inference(self) -> Body:
-        """The engines' figures combined, with the tokens of engines that are gone."""
+        """The engines' figures combined, with the running totals of engines that are gone."""
         inference = combine_inference(self.per_model(), self.models, self.default)
         for name, retired in self.retired.items():
             for key in RUNNING_TOTALS:
