@@ -300,10 +300,13 @@ def test_two_hundred_sessions_with_bounded_memory(tmp_path: Path) -> None:
         baseline = engine.memory_info().rss
         sessions: list[str] = []
         ends: list[dict[str, Any]] = []
-        for index in range(200):
-            sessions.append(new_session(client))
-            prompt = f"Session {index} remembers the number {index * 7}."
-            ends.append(run_infer(client, sessions[-1], prompt=prompt, params={"max_tokens": 8})[1])
+        for first in range(0, 200, 8):  # eight at a time: four run, four wait for a slot
+            for index in range(first, first + 8):
+                sessions.append(new_session(client))
+                prompt = f"Session {index} remembers the number {index * 7}."
+                request = {"op": "infer", "id": index, "session_id": sessions[-1]}
+                client.send({**request, "prompt": prompt, "params": {"max_tokens": 8}})
+            ends.extend(client.stream(index)[1] for index in range(first, first + 8))
         grown = engine.memory_info().rss - baseline
         assert all(end["finish_reason"] in ("length", "stop") for end in ends)
         assert len(client.request({"op": "list_sessions"})["sessions"]) == 200
