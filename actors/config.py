@@ -69,6 +69,8 @@ class Config:
     # CURVE on the frontend and the metrics socket, with this secret certificate file.
     curve: bool = False
     server_cert: str = ""
+    # Under --curve: metrics only for the CURVE keys of clients-file entries, not any keypair.
+    metrics_clients_only: bool = False
     # Strangers' cost: connections at once (in total, per IP address), seconds to authenticate.
     max_connections: int = 4096
     max_connections_per_address: int = 256
@@ -221,6 +223,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "clients file, created at first start)",
     )
     parser.add_argument(
+        "--metrics-clients-only",
+        action="store_true",
+        help="under --curve, only clients-file entries' curve_public_key may subscribe to "
+        "metrics (default: any CURVE keypair that knows the server.key)",
+    )
+    parser.add_argument(
         "--insecure-plaintext",
         action="store_true",
         help="allow a non-loopback --bind without --curve (keys and prompts travel in clear)",
@@ -319,6 +327,8 @@ def _check_curve(args: argparse.Namespace, clients_path: Path) -> str:
     if not args.curve:
         if args.server_cert:
             raise ConfigError("--server-cert needs --curve")
+        if args.metrics_clients_only:
+            raise ConfigError("--metrics-clients-only needs --curve")
         if not is_loopback(args.bind) and not args.insecure_plaintext:
             raise ConfigError(
                 f"--bind {args.bind} is not a loopback address: serve it with --curve (or give "
@@ -465,6 +475,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, bool]:
         keep_alive=args.keep_alive,
         curve=args.curve,
         server_cert=server_cert,
+        metrics_clients_only=args.metrics_clients_only,
         max_connections=args.max_connections,
         max_connections_per_address=args.max_connections_per_address,
         auth_timeout=args.auth_timeout,

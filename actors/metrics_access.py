@@ -1,8 +1,10 @@
-"""Who may subscribe to metrics under --curve: a ZAP handler in the monitor's process admitting
-only the CURVE keys of clients-file entries that carry a `curve_public_key`.
+"""Who may subscribe to metrics under --curve: a ZAP handler in the monitor's process.
 
-Metrics name models, session ids and the load, so they are for known clients only. The clients
-file is re-read when it changes, as the auth actor does, so a new entry needs no restart.
+PROTOCOL.md: a client "uses any keypair of its own", so by default any CURVE peer that knows the
+server's public key subscribes (the stream is encrypted; a plaintext peer gets nothing). With
+--metrics-clients-only only the CURVE keys of clients-file entries that carry a
+`curve_public_key` do: the clients file is re-read when it changes, as the auth actor does, so a
+new entry needs no restart.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from .zap import Handshake, Verdict, ZapHandler
 log = EventLog("monitor")
 
 ZAP_DOMAIN = "metrics"
+
+
+def any_curve_key(handshake: Handshake) -> Verdict:
+    """PROTOCOL.md's rule: any keypair (CURVE itself has checked the peer knows the server key)."""
+    if handshake.mechanism == "CURVE" and handshake.curve_key:
+        return Verdict(True, user_id=handshake.curve_key)
+    return Verdict(False, "metrics need CURVE")
 
 
 class MetricsKeys:
@@ -58,7 +67,11 @@ def open_metrics_socket(config: Config) -> tuple[zmq.Socket[bytes], ZapHandler |
     zap = None
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
     if config.curve:
-        zap = ZapHandler(MetricsKeys(Path(config.clients)).decide)
+        zap = ZapHandler(
+            MetricsKeys(Path(config.clients)).decide
+            if config.metrics_clients_only
+            else any_curve_key
+        )
         public, secret = curve.load_server_cert(Path(config.server_cert))
         curve.apply_server(sock, public, secret, ZAP_DOMAIN)
     return sock, zap

@@ -341,7 +341,7 @@ class MonitorActor:
 
 
 async def main(config: Config, stop: trio.Event) -> None:
-    sock, zap = open_metrics_socket(config)  # under --curve, only allowed keys subscribe
+    sock, zap = open_metrics_socket(config)  # under --curve, only CURVE peers subscribe
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 100)  # a slow subscriber loses messages, never slows us
     sock.setsockopt(zmq.MAXMSGSIZE, SUB_MAX_MESSAGE_BYTES)

@@ -192,7 +192,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         type=Path,
         help="also write the client's own CURVE certificate (CLIENT_ID.key_secret, mode 0600) "
         "here and bind the client to it (curve_public_key): under --curve it then "
-        "authenticates only with that certificate (--curve-cert), and may read metrics",
+        "authenticates only with that certificate (--curve-cert), and may read metrics under "
+        "--metrics-clients-only",
     )
     p.set_defaults(func=_guarded(_keygen))
 
@@ -278,13 +279,15 @@ def _curve_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CURVE (a daemon started with --curve)")
     g.add_argument(
         "--server-key",
-        help=f"the daemon's public key: Z85 text or its server.key file; `none` for plaintext "
-        f"(default: ${ENV_SERVER_KEY}, else the server.key beside the clients file, if any)",
+        help=f"the daemon's public key: Z85 text (write --server-key=KEY: a key may start with "
+        f"'-') or its server.key file; `none` for plaintext (default: ${ENV_SERVER_KEY}, else "
+        f"the server.key beside the clients file, if any)",
     )
     g.add_argument(
         "--curve-cert",
         help=f"this client's own CURVE secret certificate (.key_secret), for a clients-file "
-        f"entry bound by curve_public_key or allowed metrics (default: ${ENV_CURVE_CERT})",
+        f"entry bound by curve_public_key, or metrics under --metrics-clients-only (default: "
+        f"${ENV_CURVE_CERT})",
     )
 
 

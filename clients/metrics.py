@@ -38,8 +38,8 @@ class MetricsSubscriber(Iterator[tuple[str, dict[str, Any]]]):
         curve_serverkey: str | bytes | None = None,
         curve_keypair: tuple[str | bytes, str | bytes] | None = None,
     ) -> None:
-        """Under --curve, give the daemon's public key and a keypair that the clients file
-        allows for metrics (an entry's `curve_public_key`)."""
+        """Under --curve, give the daemon's public key; the keypair is a fresh one unless given
+        (a daemon run with --metrics-clients-only needs an entry's `curve_public_key`)."""
         self.endpoint = endpoint
         self.topics = tuple(topics)
         self.timeout = timeout
