@@ -13,12 +13,14 @@ from pathlib import Path
 
 import psutil
 
+from inferencecenter.actors.config import default_model_path
 from inferencecenter.daemon.testing import (
     RawClient,
     free_port,
     free_ports,
     start_daemon,
     stop_daemon,
+    wait_for_health,
     wait_for_pong,
 )
 from inferencecenter.protocol.clientsfile import key_sha256
@@ -88,15 +90,38 @@ def test_busy_port_fails_with_a_clear_line(tmp_path: Path) -> None:
     )
 
 
+def readme_example(after: str) -> str:
+    """The README's first Python example after the text `after`, as written there."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    return readme.split(after, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_example(code: str, env: dict[str, str]) -> str:
+    """Run `code` as a user would, in a fresh interpreter; its output."""
+    ran = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout + ran.stderr
+
+
 def test_first_start_writes_only_the_hash_and_the_key_for_this_user(tmp_path: Path) -> None:
     """The clients file gets `local`'s hash, the user's credentials file (0600) its key, which
-    the CLI finds there; the log names both files, never the key."""
-    config_home = tmp_path / "config"
-    port, metrics_port = free_ports(2)
+    the CLI and the README's Python examples (the client library, the `openai` package) find
+    there; the log names both files, never the key."""
+    home = tmp_path / "home"
+    config_home = home / ".config"  # where a user without XDG_CONFIG_HOME has it
+    port, metrics_port, http_port = free_ports(3)
     log_path = tmp_path / "log"
     names = ("INFERENCECENTER_CLIENT_ID", "INFERENCECENTER_API_KEY", "INFERENCECENTER_CLIENTS")
     env = {k: v for k, v in os.environ.items() if k not in names and "CREDENTIALS" not in k}
-    env["XDG_CONFIG_HOME"] = str(config_home)
+    env.pop("XDG_CONFIG_HOME", None)
+    env["HOME"] = str(home)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
@@ -109,7 +134,9 @@ def test_first_start_writes_only_the_hash_and_the_key_for_this_user(tmp_path: Pa
                 "--metrics-port",
                 str(metrics_port),
                 "--http-port",
-                "0",
+                str(http_port),
+                "--model",
+                default_model_path(),  # the package's file, found under the real home
                 "--parallel",
                 "1",
             ],
@@ -143,6 +170,13 @@ def test_first_start_writes_only_the_hash_and_the_key_for_this_user(tmp_path: Pa
             stdin=subprocess.DEVNULL,
         )
         assert done.returncode == 0, done.stderr  # the CLI took the key from credentials.json
+        library = readme_example("## Python client").replace(":5555", f":{port}")
+        printed = run_example(library, env)
+        assert "length {'prompt_tokens'" in printed and key not in printed
+        wait_for_health(f"http://127.0.0.1:{http_port}", process, 60)
+        openai = readme_example("With the `openai` package:")
+        printed = run_example(openai.replace(":8080", f":{http_port}"), env)
+        assert "completion_tokens=" in printed and key not in printed
     finally:
         assert stop_daemon(process) == 0
     log_text = log_path.read_text()
