@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -16,6 +17,8 @@ from inferencecenter.daemon.testing import (
     run_infer,
 )
 from inferencecenter.protocol import wire
+
+from .doc_examples import doc_example, run_example
 
 GREEDY = {"temp": 0, "max_tokens": 24}
 
@@ -678,3 +681,11 @@ def test_metrics_stream_publishes_once_a_second(daemon: Daemon) -> None:
         }
     finally:
         sub.close()
+
+
+def test_the_minimal_client_of_docs_protocol_runs_as_written(daemon: Daemon) -> None:
+    """docs/protocol.md's one-file client (pyzmq and msgpack only), run as it says to run it."""
+    code = doc_example("docs/protocol.md", "## A minimal client in Python")
+    args = (daemon.endpoint, daemon.client_id, daemon.api_key, "The capital of France is")
+    printed = run_example(code, *args)
+    assert re.search(r"\n\[(length, 32|stop, \d+) tokens\]\n$", printed), printed

@@ -25,6 +25,8 @@ from inferencecenter.daemon.testing import (
 )
 from inferencecenter.protocol.clientsfile import key_sha256
 
+from .doc_examples import doc_example, run_example
+
 
 def run_serve(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
@@ -90,26 +92,6 @@ def test_busy_port_fails_with_a_clear_line(tmp_path: Path) -> None:
     )
 
 
-def readme_example(after: str) -> str:
-    """The README's first Python example after the text `after`, as written there."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    return readme.split(after, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def run_example(code: str, env: dict[str, str]) -> str:
-    """Run `code` as a user would, in a fresh interpreter; its output."""
-    ran = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-    assert ran.returncode == 0, ran.stderr
-    return ran.stdout + ran.stderr
-
-
 def test_first_start_writes_only_the_hash_and_the_key_for_this_user(tmp_path: Path) -> None:
     """The clients file gets `local`'s hash, the user's credentials file (0600) its key, which
     the CLI and the README's Python examples (the client library, the `openai` package) find
@@ -170,12 +152,12 @@ def test_first_start_writes_only_the_hash_and_the_key_for_this_user(tmp_path: Pa
             stdin=subprocess.DEVNULL,
         )
         assert done.returncode == 0, done.stderr  # the CLI took the key from credentials.json
-        library = readme_example("## Python client").replace(":5555", f":{port}")
-        printed = run_example(library, env)
+        library = doc_example("README.md", "## Python client").replace(":5555", f":{port}")
+        printed = run_example(library, env=env)
         assert "length {'prompt_tokens'" in printed and key not in printed
         wait_for_health(f"http://127.0.0.1:{http_port}", process, 60)
-        openai = readme_example("With the `openai` package:")
-        printed = run_example(openai.replace(":8080", f":{http_port}"), env)
+        openai = doc_example("README.md", "With the `openai` package:")
+        printed = run_example(openai.replace(":8080", f":{http_port}"), env=env)
         assert "completion_tokens=" in printed and key not in printed
     finally:
         assert stop_daemon(process) == 0
