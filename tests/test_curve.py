@@ -235,12 +235,12 @@ def test_a_bound_client_authenticates_only_with_its_own_key(
 def _metrics_seen_by(daemon: Daemon, keypair: tuple[bytes, bytes] | None) -> bool:
     """Whether a subscriber with `keypair` (None: in plaintext) gets the `metrics` topic, which
     goes out once a second, within NOTHING_WITHIN_MS."""
-    keys = (
-        {} if keypair is None else {"curve_serverkey": daemon.server_key, "curve_keypair": keypair}
-    )
     subscriber = MetricsSubscriber(
-        daemon.metrics_endpoint, timeout=NOTHING_WITHIN_MS / 1000, **keys
-    )  # type: ignore[arg-type]
+        daemon.metrics_endpoint,
+        timeout=NOTHING_WITHIN_MS / 1000,
+        curve_serverkey=None if keypair is None else daemon.server_key,
+        curve_keypair=keypair,
+    )
     try:
         topic, body = subscriber.receive()
     except TimeoutError:
